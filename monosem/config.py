@@ -1,0 +1,485 @@
+"""Configuration: nested dataclasses, TOML recipes, `--section.key=value` overrides.
+
+Every field carries a docstring right under it; `monosem <verb> --help` prints them (read from this
+file's source with `ast`, so the docs live in exactly one place).
+
+    from monosem.config import load_config
+    cfg = load_config("configs/tiny.toml", ["--sae.l1_coeff=3e-4"])
+    print(to_toml(cfg))
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+from monosem.errors import MonosemError
+
+
+class ConfigError(MonosemError, ValueError):
+    """A config key, type or value is wrong; the message names the key and the value."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "quickstart"
+    """Run name: everything goes under `<root>/<name>/`."""
+    root: str = "runs"
+    """Folder that holds the run folders."""
+    seed: int = 0
+    """Master seed for the stream shuffle, initialisation, subsampling and resampling."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"
+    """Corpus: `stdlib` (the Python standard library's sources), a local glob of .txt/.jsonl/.parquet
+    files (comma-separated globs allowed), or `hf:<dataset name>` for a Hugging Face hub dataset."""
+    include_tests: bool = False
+    """For `stdlib`: also take the test folders (about 2.7x more tokens)."""
+    text_field: str = "text"
+    """Field holding the document text in .jsonl/.parquet files and hub datasets."""
+    hf_split: str = "train"
+    """Split of a hub dataset to stream."""
+    hf_config: str = ""
+    """Config (subset) name of a hub dataset; empty for the default."""
+    max_tokens: int = 0
+    """Stop after this many tokens of the corpus (0 = take it all)."""
+    ctx_len: int = 128
+    """Tokens per context (the LM's sequence length)."""
+    val_fraction: float = 0.02
+    """Fraction of contexts held out for validation (chosen deterministically)."""
+    contexts_per_shard: int = 512
+    """Contexts per WebDataset tar shard."""
+    num_threads: int = 2
+    """Tokenizer threads."""
+    dir: str = ""
+    """Where the shards go; empty means `<root>/<name>/data`."""
+
+
+@dataclass
+class StreamConfig:
+    num_workers: int = 0
+    """DataLoader worker processes reading shards (0 = read in the calling process)."""
+    shuffle_shards: bool = True
+    """Shuffle the shard order each epoch (seeded by run.seed and the epoch)."""
+    shuffle_contexts: bool = True
+    """Shuffle the contexts inside each shard each epoch (exactly resumable: a seeded permutation)."""
+    on_corrupt: str = "error"
+    """What a truncated or corrupt shard does: `error` stops with the shard's name, `skip` warns and
+    counts it."""
+
+
+@dataclass
+class LMConfig:
+    n_layer: int = 1
+    """Transformer blocks (the paper: 1)."""
+    d_model: int = 128
+    """Residual stream width (the paper: 128)."""
+    n_head: int = 4
+    """Attention heads (the paper: 4)."""
+    d_mlp: int = 512
+    """MLP hidden width, the SAE's input size (the paper: 512)."""
+    activation: str = "relu"
+    """MLP non-linearity: `relu` (the paper) or `gelu`."""
+    vocab_size: int = 50304
+    """Embedding rows: GPT-2's 50,257 ids padded to a multiple of 64."""
+    dropout: float = 0.0
+    """Dropout during LM training."""
+    hook_layer: int = -1
+    """Block whose MLP post-activation feeds the SAE (-1 = the last)."""
+
+
+@dataclass
+class TrainLMConfig:
+    steps: int = 2000
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Contexts per step per process."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only)."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0 = off)."""
+    bf16: bool = False
+    """Run forward/backward under bf16 autocast."""
+    eval_every: int = 200
+    """Validation loss every this many steps (and at the end)."""
+    eval_batches: int = 20
+    """Validation batches per evaluation."""
+    log_every: int = 20
+    """Log train loss, lr and tokens/s every this many steps."""
+    ckpt_every: int = 500
+    """Checkpoint every this many steps (and at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept."""
+
+
+@dataclass
+class BufferConfig:
+    producer_batch: int = 16
+    """Contexts per LM forward pass in the producer."""
+    tokens_per_context: int = 0
+    """Keep this many random positions per context (the paper: 250; 0 = all)."""
+    dtype: str = "fp32"
+    """Activation dtype through the ring: `fp32`, `bf16` or `fp16`."""
+    slot_vectors: int = 2048
+    """Vectors per ring slot."""
+    n_slots: int = 8
+    """Slots in the shared-memory ring."""
+    pool_size: int = 65536
+    """Vectors in the consumer's shuffle pool; batches are drawn without replacement from it."""
+    producer_threads: int = 1
+    """torch threads in the producer process."""
+    producer_device: str = "auto"
+    """Device of the producer's LM: `auto` (cuda:<local_rank> if there is a GPU, else cpu), `cpu`."""
+    timeout_s: float = 10.0
+    """Seconds without progress after which a dead producer/consumer is declared."""
+
+
+@dataclass
+class SAEConfig:
+    recipe: str = "anthropic-2023"
+    """Training recipe: `anthropic-2023`, `anthropic-2024-04` or `topk`."""
+    d_in: int = 512
+    """Input width; must equal the LM's d_mlp."""
+    n_features: int = 4096
+    """Dictionary size."""
+    l1_coeff: float = 1e-3
+    """Sparsity penalty λ (L1 is a sum over features, MSE a mean over input elements)."""
+    k: int = 32
+    """Active features per vector for `topk`."""
+    aux_k: int = 256
+    """Dead latents used in the AuxK loss for `topk`."""
+    aux_coeff: float = 1 / 32
+    """Weight of the AuxK loss for `topk`."""
+
+
+@dataclass
+class SweepConfig:
+    l1_coeff: list[float] = field(default_factory=list)
+    """Train one SAE per λ on the same batches (empty = just `sae.l1_coeff`)."""
+    n_features: list[int] = field(default_factory=list)
+    """Train one SAE per dictionary size (crossed with l1_coeff; empty = just `sae.n_features`)."""
+
+
+@dataclass
+class TrainSAEConfig:
+    steps: int = 2000
+    """Optimizer steps."""
+    batch_size: int = 4096
+    """Vectors per step per process (the global batch is batch_size x processes)."""
+    lr: float = 1e-4
+    """Adam learning rate."""
+    warmup_steps: int = 0
+    """Linear LR warmup steps."""
+    decay_start: float = 1.0
+    """Fraction of training after which the LR decays linearly to 0 (1.0 = constant)."""
+    l1_warmup_steps: int = 0
+    """Steps over which λ ramps up linearly from 0 (0 = off)."""
+    grad_clip: float = 0.0
+    """Clip the gradient norm to this (0 = off)."""
+    bf16: bool = False
+    """Run the SAE forward/backward under bf16 autocast."""
+    dead_window: int = 12500
+    """A feature that fired in none of the last dead_window steps is dead."""
+    resample_steps: list[int] = field(default_factory=lambda: [25000, 50000, 75000, 100000])
+    """Steps at which dead features are resampled (anthropic-2023 only)."""
+    resample_pool: int = 819200
+    """Inputs held for resampling, summed over processes."""
+    resample_power: float = 2.0
+    """Draw inputs with probability ∝ loss^power (2 = the paper's square, 0.5 = sqrt)."""
+    log_every: int = 50
+    """Metrics to TensorBoard every this many steps."""
+    eval_every: int = 500
+    """Loss recovered on validation tokens every this many steps (0 = off)."""
+    eval_contexts: int = 64
+    """Validation contexts per loss-recovered evaluation."""
+    ckpt_every: int = 1000
+    """Checkpoint every this many steps (and at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept."""
+    save_pool: bool = True
+    """Save the shuffle pool's undelivered vectors in checkpoints (exact resume)."""
+
+
+@dataclass
+class DistConfig:
+    timeout_s: int = 120
+    """Collective timeout: a rank that stops answering fails the others after this long."""
+    deepspeed_stage: int = 0
+    """DeepSpeed ZeRO stage for the SAE (0 = plain DDP; needs the `deepspeed` extra)."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    train_lm: TrainLMConfig = field(default_factory=TrainLMConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    train_sae: TrainSAEConfig = field(default_factory=TrainSAEConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    # ---- derived paths -------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.dir) if self.data.dir else self.run_dir / "data"
+
+    @property
+    def lm_dir(self) -> Path:
+        return self.run_dir / "lm"
+
+    @property
+    def sae_dir(self) -> Path:
+        return self.run_dir / "sae"
+
+
+CHOICES = {
+    "lm.activation": ("relu", "gelu"),
+    "stream.on_corrupt": ("error", "skip"),
+    "buffer.dtype": ("fp32", "bf16", "fp16"),
+    "sae.recipe": ("anthropic-2023", "anthropic-2024-04", "topk"),
+    "dist.deepspeed_stage": (0, 1, 2, 3),
+}
+POSITIVE = {"data.ctx_len", "data.contexts_per_shard", "data.num_threads", "lm.n_layer", "lm.d_model",
+            "lm.n_head", "lm.d_mlp", "lm.vocab_size", "train_lm.steps", "train_lm.batch_size",
+            "train_lm.lr", "train_lm.eval_batches", "train_lm.log_every", "train_lm.ckpt_every",
+            "train_lm.keep_last", "buffer.producer_batch", "buffer.slot_vectors", "buffer.n_slots",
+            "buffer.pool_size", "buffer.producer_threads", "buffer.timeout_s", "sae.d_in",
+            "sae.n_features", "sae.k", "train_sae.steps", "train_sae.batch_size", "train_sae.lr",
+            "train_sae.dead_window", "train_sae.resample_pool", "train_sae.log_every",
+            "train_sae.ckpt_every", "train_sae.keep_last", "train_sae.eval_contexts", "dist.timeout_s"}
+NON_NEGATIVE = {"data.max_tokens", "stream.num_workers", "lm.dropout",
+                "train_lm.warmup_steps", "train_lm.weight_decay", "train_lm.grad_clip",
+                "train_lm.min_lr", "buffer.tokens_per_context", "sae.l1_coeff", "sae.aux_k",
+                "sae.aux_coeff", "train_sae.warmup_steps", "train_sae.l1_warmup_steps",
+                "train_sae.grad_clip", "train_sae.eval_every", "train_sae.resample_power"}
+
+
+def _coerce(key: str, value: object, typ: object) -> object:
+    """Check/convert one value to its field type; raise ConfigError naming the key."""
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (inner,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]").split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if isinstance(value, str) and typ is not str:
+        value = _parse_scalar(key, value, typ)
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {typ}")
+
+
+def _parse_scalar(key: str, text: str, typ: object) -> object:
+    t = text.strip()
+    if typ is bool:
+        if t.lower() in ("true", "1", "yes", "on"):
+            return True
+        if t.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {text!r}")
+    try:
+        return int(t.replace("_", "")) if typ is int else float(t)
+    except ValueError:
+        if typ is int:
+            try:
+                f = float(t)
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+        raise ConfigError(f"{key}: expected {'an integer' if typ is int else 'a number'}, "
+                          f"got {text!r}") from None
+
+
+def _section_types(cls: type) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def _set(cfg: Config, key: str, value: object) -> None:
+    section, _, name = key.partition(".")
+    if not name or section not in _section_types(Config):
+        known = ", ".join(_section_types(Config))
+        raise ConfigError(f"unknown config section in {key!r} (sections: {known})")
+    sec = getattr(cfg, section)
+    types = _section_types(type(sec))
+    if name not in types:
+        raise ConfigError(f"unknown config key {key!r} (keys of [{section}]: {', '.join(types)})")
+    setattr(sec, name, _coerce(key, value, types[name]))
+
+
+def validate(cfg: Config) -> Config:
+    """Check value ranges and cross-field rules; raise ConfigError naming the key and value."""
+    for key in POSITIVE | NON_NEGATIVE:
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if key in POSITIVE and not v > 0:
+            raise ConfigError(f"{key} must be > 0, got {v!r}")
+        if key in NON_NEGATIVE and v < 0:
+            raise ConfigError(f"{key} must be >= 0, got {v!r}")
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if allowed is not None and v not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {v!r}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction!r}")
+    if cfg.lm.d_model % cfg.lm.n_head:
+        raise ConfigError(f"lm.d_model ({cfg.lm.d_model}) must be divisible by lm.n_head "
+                          f"({cfg.lm.n_head})")
+    if cfg.lm.vocab_size < 50257:
+        raise ConfigError(f"lm.vocab_size must be >= 50257 (GPT-2 ids), got {cfg.lm.vocab_size}")
+    if cfg.buffer.tokens_per_context > cfg.data.ctx_len:
+        raise ConfigError(f"buffer.tokens_per_context ({cfg.buffer.tokens_per_context}) exceeds "
+                          f"data.ctx_len ({cfg.data.ctx_len})")
+    if cfg.sae.recipe == "topk" and cfg.sae.k > cfg.sae.n_features:
+        raise ConfigError(f"sae.k ({cfg.sae.k}) exceeds sae.n_features ({cfg.sae.n_features})")
+    if not 0.0 < cfg.train_sae.decay_start <= 1.0:
+        raise ConfigError(f"train_sae.decay_start must be in (0, 1], got {cfg.train_sae.decay_start}")
+    if cfg.run.name in ("", ".", "..") or "/" in cfg.run.name:
+        raise ConfigError(f"run.name must be a plain folder name, got {cfg.run.name!r}")
+    return cfg
+
+
+def from_dict(data: dict, source: str = "config") -> Config:
+    """Build a Config from a nested dict (as read from TOML); unknown keys are errors."""
+    cfg = Config()
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: top-level key {section!r} must be a [section] table")
+        for name, value in values.items():
+            try:
+                _set(cfg, f"{section}.{name}", value)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `--section.key=value` strings (the leading dashes are optional)."""
+    for item in overrides:
+        text = item.lstrip("-")
+        if "=" not in text:
+            raise ConfigError(f"override {item!r} must look like --section.key=value")
+        key, value = text.split("=", 1)
+        _set(cfg, key.strip(), value)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML recipe (or the defaults), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    cfg = from_dict(data, source=str(path) if path else "config")
+    return validate(apply_overrides(cfg, overrides or []))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (round-trips through load_config)."""
+    lines = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def field_docs() -> dict[str, tuple[str, str, object]]:
+    """{"section.key": (type name, docstring, default)} read from this module's source."""
+    tree = ast.parse(inspect.getsource(__import__(__name__, fromlist=["_"])))
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    out, defaults = {}, to_dict(Config())
+    for section, cls in _section_types(Config).items():
+        body = classes[cls.__name__].body
+        for node, nxt in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                doc = ""
+                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                    doc = " ".join(str(nxt.value.value).split())
+                name = node.target.id
+                out[f"{section}.{name}"] = (ast.unparse(node.annotation), doc,
+                                            defaults[section][name])
+    return out
+
+
+def help_text(sections: list[str] | None = None) -> str:
+    """The config reference: one line per field, grouped by section."""
+    lines, current = [], None
+    for key, (typ, doc, default) in field_docs().items():
+        section = key.split(".")[0]
+        if sections and section not in sections:
+            continue
+        if section != current:
+            lines.append(f"\n[{section}]")
+            current = section
+        lines.append(f"  --{key}={_toml_value(default)}  ({typ})\n      {doc}")
+    return "\n".join(lines)
+
+
+def save_config(cfg: Config, folder: str | Path) -> Path:
+    """Write the resolved config as `<folder>/config.toml` (atomically); return its path."""
+    from monosem.files import write_text_atomic
+
+    path = Path(folder) / "config.toml"
+    write_text_atomic(path, to_toml(cfg))
+    return path
