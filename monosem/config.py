@@ -163,6 +163,9 @@ class SAEConfig:
     """Dead latents used in the AuxK loss for `topk`."""
     aux_coeff: float = 1 / 32
     """Weight of the AuxK loss for `topk`."""
+    resample_loss: str = "total"
+    """Per-input loss that weights the draw of resampling inputs: `total` (MSE + λ·L1, the paper's
+    "loss of the autoencoder on that input") or `mse` (reconstruction only, as many reproductions do)."""
 
 
 @dataclass
@@ -258,6 +261,7 @@ CHOICES = {
     "buffer.dtype": ("fp32", "bf16", "fp16"),
     "sae.recipe": ("anthropic-2023", "anthropic-2024-04", "topk"),
     "dist.deepspeed_stage": (0, 1, 2, 3),
+    "sae.resample_loss": ("total", "mse"),
 }
 POSITIVE = {"data.ctx_len", "data.contexts_per_shard", "data.num_threads", "lm.n_layer", "lm.d_model",
             "lm.n_head", "lm.d_mlp", "lm.vocab_size", "train_lm.steps", "train_lm.batch_size",

@@ -1,0 +1,173 @@
+"""Resampling of dead features (Towards Monosemanticity), as pure functions on given tensors.
+
+The trainer keeps a Reservoir of the vectors it consumed, and at a resample step:
+
+    dead = dead_mask(last_fired_step, step, cfg.train_sae.dead_window)          # [n_features] bool
+    x = reservoir.tensor()                                  # (all-gathered across ranks by the trainer)
+    losses = resample_losses(sae, x, terms=cfg.sae.resample_loss)                 # [N]
+    idx = choose_inputs(losses, int(dead.sum()), cfg.train_sae.resample_power, generator)
+    resample_(sae, optimizer.state, dead.nonzero().squeeze(1), x[idx])
+"""
+from __future__ import annotations
+
+import torch
+
+from monosem.errors import MonosemError
+
+ENC_NORM_FACTOR = 0.2  # paper: new encoder rows get 0.2 x the mean norm of the alive encoder rows
+ADAM_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+class Reservoir:
+    """Uniform sample (Algorithm R, vectorised) of the vectors added since the last reset.
+
+    Lives on the CPU. Deterministic given the seed and the sequence of added batches.
+    """
+
+    def __init__(self, capacity: int, d_in: int, seed: int = 0, dtype: torch.dtype = torch.float32):
+        if capacity <= 0:
+            raise MonosemError(f"Reservoir capacity must be > 0, got {capacity}")
+        self.capacity, self.d_in = capacity, d_in
+        self.data = torch.empty(capacity, d_in, dtype=dtype)  # [C, d_in]
+        self.n_seen = 0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Offer x [B, d_in]; item t (counted since reset) takes slot r ~ U{0..t} if r < C (Algorithm R)."""
+        if x.ndim != 2 or x.shape[1] != self.d_in:
+            raise MonosemError(f"Reservoir.add: expected [B, {self.d_in}], got {tuple(x.shape)}")
+        B, C = x.shape[0], self.capacity
+        t = torch.arange(self.n_seen, self.n_seen + B)  # [B] global index of each vector
+        fill = t < C
+        slots, src = t[fill], fill.nonzero().squeeze(1)
+        rest = (~fill).nonzero().squeeze(1)
+        if len(rest):
+            u = torch.rand(len(rest), generator=self.generator, dtype=torch.float64)
+            r = torch.minimum((u * (t[rest] + 1).double()).floor().long(), t[rest])
+            keep = r < C
+            slots, src = torch.cat([slots, r[keep]]), torch.cat([src, rest[keep]])
+        if len(slots):
+            # a slot hit twice in one batch keeps the later vector, as the sequential algorithm would
+            uniq, inv = torch.unique(slots, return_inverse=True)
+            last = torch.full((len(uniq),), -1, dtype=torch.long).scatter_reduce(0, inv, src, "amax")
+            self.data[uniq] = x.detach()[last.to(x.device)].to("cpu", self.data.dtype)
+        self.n_seen += B
+
+    def tensor(self) -> torch.Tensor:
+        """[min(n_seen, C), d_in] (a view: clone it to keep it past the next add)."""
+        return self.data[: min(self.n_seen, self.capacity)]
+
+    def reset(self) -> None:
+        """Forget the vectors seen so far (the RNG stream continues)."""
+        self.n_seen = 0
+
+    def state_dict(self) -> dict:
+        return {"data": self.tensor().clone(), "n_seen": self.n_seen, "capacity": self.capacity,
+                "rng": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        data = state["data"]
+        if state["capacity"] != self.capacity or data.shape[1:] != (self.d_in,):
+            raise MonosemError(f"Reservoir state: capacity {state['capacity']} x d_in "
+                               f"{tuple(data.shape[1:])} does not match this reservoir's "
+                               f"{self.capacity} x {self.d_in}")
+        self.n_seen = int(state["n_seen"])
+        self.data[: len(data)] = data.to(self.data.dtype)
+        self.generator.set_state(state["rng"])
+
+
+def resample_losses(sae: torch.nn.Module, x: torch.Tensor, l1_coeff: float | None = None,
+                    terms: str = "total", batch_size: int = 8192) -> torch.Tensor:
+    """[N] per-input loss that weights the draw of resampling inputs.
+
+    terms="total" (default): mse_i + λ·l1_i, the training loss on that input, because the paper says
+    "the loss of the autoencoder on that input" and that is the loss it trains on (the mean over
+    inputs equals the batch loss; topk has no λ, so it is mse_i). terms="mse": reconstruction only,
+    as many reproductions do. mse_i is a mean over d_in elements, as in training.
+    """
+    if terms not in ("total", "mse"):
+        raise MonosemError(f"sae.resample_loss must be 'total' or 'mse'; got {terms!r}")
+    lam = sae.cfg.l1_coeff if l1_coeff is None else l1_coeff
+    if terms == "mse" or sae.recipe == "topk":
+        lam = 0.0
+    device = sae.W_dec.device
+    out = []
+    for chunk in x.split(batch_size):
+        mse_i, l1_i = sae.losses_per_input(chunk.to(device, sae.W_dec.dtype))
+        out.append(mse_i + lam * l1_i)
+    return torch.cat(out) if out else x.new_zeros(0)
+
+
+def choose_inputs(losses: torch.Tensor, n_dead: int, power: float = 2.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """LongTensor [n_dead]: indices drawn with replacement, P(i) ∝ losses[i]^power (uniform if all are 0).
+
+    power 2 is the paper's "square", 0.5 the seed notes' sqrt. Deterministic given the generator (CPU).
+    """
+    w = losses.detach().double().cpu().clamp_min(0.0)  # [N]
+    if n_dead == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if len(w) == 0:
+        raise MonosemError(f"choose_inputs: no candidate inputs to resample {n_dead} dead features from")
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise MonosemError(f"choose_inputs: {bad} of {len(w)} losses are not finite")
+    top = w.max()
+    w = (w / top) ** power if top > 0 else torch.ones_like(w)  # divide by the max: no overflow at power 2
+    return torch.multinomial(w, n_dead, replacement=True, generator=generator)
+
+
+def reset_adam_rows_(param_state: dict, index: torch.Tensor, dim: int) -> None:
+    """Zero the Adam moments (exp_avg, exp_avg_sq, max_exp_avg_sq) of one parameter at `index` along `dim`.
+
+    The shared `step` count is left alone (torch keeps one per parameter, not per row).
+    """
+    for key in ADAM_MOMENT_KEYS:
+        moment = param_state.get(key)
+        if isinstance(moment, torch.Tensor) and moment.ndim > 0:
+            moment.index_fill_(dim, index.to(moment.device), 0.0)
+
+
+@torch.no_grad()
+def resample_(sae: torch.nn.Module, optimizer_state: dict, dead_idx: torch.Tensor,
+              inputs: torch.Tensor) -> None:
+    """Give dead feature dead_idx[j] the direction of inputs[j] ([n_dead, d_in]), in place.
+
+    W_dec[:, i] = x / ‖x‖; W_enc[i] = x / ‖x‖ · 0.2 · mean alive ‖W_enc[j]‖ (all if none); b_enc[i] = 0;
+    Adam moments of those columns/rows/entries zeroed. optimizer_state: `optimizer.state`.
+    """
+    n_features, d_in = sae.W_enc.shape
+    dead_idx = dead_idx.to(sae.W_enc.device).long()
+    if dead_idx.ndim != 1 or inputs.shape != (len(dead_idx), d_in):
+        raise MonosemError(f"resample_: dead_idx {tuple(dead_idx.shape)} and inputs "
+                           f"{tuple(inputs.shape)} must be [n_dead] and [n_dead, {d_in}]")
+    if len(dead_idx) == 0:
+        return
+    if len(dead_idx.unique()) != len(dead_idx) or dead_idx.min() < 0 or dead_idx.max() >= n_features:
+        raise MonosemError(f"resample_: dead_idx must be distinct features in [0, {n_features}); "
+                           f"got {dead_idx.tolist()[:10]}")
+    x = inputs.to(sae.W_enc.device, sae.W_enc.dtype)
+    norms = x.norm(dim=1, keepdim=True)  # [n_dead, 1]
+    if (norms == 0).any():
+        raise MonosemError(f"resample_: zero input vector chosen for feature(s) "
+                           f"{dead_idx[(norms[:, 0] == 0)].tolist()}")
+    alive = torch.ones(n_features, dtype=torch.bool, device=dead_idx.device)
+    alive[dead_idx] = False
+    enc_norms = sae.W_enc.norm(dim=1)  # [n_features]
+    ref = enc_norms[alive].mean() if alive.any() else enc_norms.mean()  # all dead: mean over all rows
+    direction = x / norms  # [n_dead, d_in]
+    sae.W_dec[:, dead_idx] = direction.T
+    sae.W_enc[dead_idx] = direction * (ENC_NORM_FACTOR * ref)
+    sae.b_enc[dead_idx] = 0.0
+    for param, dim in ((sae.W_enc, 0), (sae.b_enc, 0), (sae.W_dec, 1)):
+        if param in optimizer_state:
+            reset_adam_rows_(optimizer_state[param], dead_idx, dim)
+
+
+def dead_mask(last_fired_step: torch.Tensor, step: int, dead_window: int) -> torch.Tensor:
+    """[n_features] bool: step - last_fired_step >= dead_window, both counted on the same clock.
+
+    E.g. with step = steps completed: last_fired_step starts at 0, becomes step + 1 for the features
+    that fired in step `step` (0-based), and `step` for resampled features (a fresh window).
+    """
+    return (step - last_fired_step) >= dead_window

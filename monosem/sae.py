@@ -1,0 +1,252 @@
+"""The sparse autoencoder: encode/decode, loss parts, decoder-norm constraint, init, schedules.
+
+Pure tensor maths (no distribution, no I/O). Three recipes (`cfg.recipe`):
+  anthropic-2023     Towards Monosemanticity: f = ReLU(W_enc (x - b_dec) + b_enc), x̂ = W_dec f + b_dec;
+                     unit-norm decoder columns (gradient projection + renormalisation); Kaiming-uniform
+                     init; b_dec = geometric median of a sample.
+  anthropic-2024-04  The April 2024 update: f = ReLU(W_enc x + b_enc) (no pre-encoder bias), L1 weighted
+                     by decoder column norms, no norm constraint, inputs scaled so E‖x‖ = √d_in (buffer
+                     `scale`, applied inside forward), W_dec columns random with norm 0.1, W_enc = W_dec.T,
+                     biases 0. λ warmup and LR decay: `l1_coeff_at`, `lr_factor` (the trainer applies them).
+  topk               OpenAI's TopK SAE: the k largest pre-activations, then ReLU; no L1 (reported, not
+                     applied); unit-norm decoder; W_enc = W_dec.T at init; AuxK loss on dead latents.
+Units: forward multiplies x by `scale` (1 except anthropic-2024-04); mse, l1 and loss are in that scaled
+space (so λ means the same on any data), x_hat and decode() come back in input units. MSE is a mean over
+d_in elements for every recipe (the April update writes a sum: its λ is ours × d_in).
+
+    sae = SAE(cfg.sae, generator=torch.Generator().manual_seed(0)); sae.init_from_data(sample)
+    out = sae(x, l1_coeff=lam, dead_mask=dead)            # SAEOutput(x_hat, f, mse, l1, loss, aux)
+    out.loss.backward(); sae.project_decoder_grad(); opt.step(); sae.normalize_decoder()
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from monosem.config import SAEConfig
+from monosem.errors import MonosemError
+
+RECIPES = ("anthropic-2023", "anthropic-2024-04", "topk")
+DEC_INIT_NORM_2024 = 0.1  # April 2024 update: decoder columns start as random directions of norm 0.1
+
+
+def loss_convention(recipe: str = "anthropic-2023") -> dict:
+    """How the loss parts are reduced (goes into cfg.json: it changes the meaning of λ by a factor d_in)."""
+    l1 = "sum over features of |f_i|"
+    if recipe == "anthropic-2024-04":
+        l1 += " * ||W_dec[:, i]||"
+    return {
+        "mse": "mean over batch and d_in elements of (x_hat - x)^2, in the SAE's input space (x * scale)",
+        "l1": l1 + ", mean over batch (unweighted by l1_coeff)",
+        "loss": "mse + aux" if recipe == "topk" else "mse + l1_coeff * l1",
+        "aux": ("aux_coeff * sum ||e - e_hat||^2 / sum ||e||^2 over the batch, e = x - x_hat "
+                "(detached), e_hat = W_dec @ top-aux_k dead latents") if recipe == "topk" else "0",
+        "input_scale": "forward multiplies x by the buffer `scale`; x_hat is returned in input units",
+    }
+
+
+def cfg_json(cfg: SAEConfig) -> dict:
+    """What a checkpoint needs to rebuild and interpret the SAE."""
+    return {"d_in": cfg.d_in, "n_features": cfg.n_features, "recipe": cfg.recipe,
+            "l1_coeff": cfg.l1_coeff, "k": cfg.k, "aux_k": cfg.aux_k, "aux_coeff": cfg.aux_coeff,
+            "resample_loss": cfg.resample_loss, "loss_convention": loss_convention(cfg.recipe)}
+
+
+class SAEOutput(NamedTuple):
+    x_hat: torch.Tensor  # [B, d_in] in input units
+    f: torch.Tensor      # [B, n_features] feature activations
+    mse: torch.Tensor    # scalar
+    l1: torch.Tensor     # scalar, not multiplied by λ
+    loss: torch.Tensor   # scalar: mse + λ·l1 (+ aux)
+    aux: torch.Tensor    # scalar AuxK loss (topk), else 0
+
+
+def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-8) -> torch.Tensor:
+    """Weiszfeld's algorithm in float64 from the mean; eps floors distances and stops on a tiny step."""
+    xd = x.detach().double()  # [N, d]
+    y = xd.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (xd - y).norm(dim=1).clamp_min(eps)  # [N]
+        y_new = (w[:, None] * xd).sum(0) / w.sum()
+        done = (y_new - y).norm() <= eps * (1.0 + y.norm())
+        y = y_new
+        if done:
+            break
+    return y.to(x.dtype)
+
+
+def input_scale(sample: torch.Tensor) -> float:
+    """Scale that makes E‖x·scale‖ = √d_in on this sample (anthropic-2024-04)."""
+    mean_norm = sample.detach().double().norm(dim=1).mean().item()
+    if not mean_norm > 0 or not math.isfinite(mean_norm):
+        raise MonosemError(f"input_scale: sample of shape {tuple(sample.shape)} has mean norm {mean_norm}")
+    return math.sqrt(sample.shape[1]) / mean_norm
+
+
+def l1_coeff_at(step: int, cfg: SAEConfig | float, warmup_steps: int) -> float:
+    """λ ramped linearly from 0 at step 0 to its full value at step warmup_steps (0 = no warmup)."""
+    lam = cfg.l1_coeff if isinstance(cfg, SAEConfig) else float(cfg)
+    return lam if warmup_steps <= 0 else lam * min(1.0, step / warmup_steps)
+
+
+def lr_factor(step: int, total: int, warmup: int, decay_start: float) -> float:
+    """LR multiplier: linear warmup over `warmup` steps (first step > 0), then constant, then a linear
+    decay to 0 at `total` starting at fraction `decay_start` of training (1.0 = no decay)."""
+    factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    decay_from = int(decay_start * total)
+    if decay_start < 1.0 and step >= decay_from:
+        factor = min(factor, max(0.0, (total - step) / max(1, total - decay_from)))
+    return factor
+
+
+class SAE(nn.Module):
+    def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):
+        super().__init__()
+        if cfg.recipe not in RECIPES:
+            raise MonosemError(f"sae.recipe must be one of {', '.join(RECIPES)}; got {cfg.recipe!r}")
+        if cfg.recipe == "topk" and not 0 < cfg.k <= cfg.n_features:
+            raise MonosemError(f"sae.k must be in [1, sae.n_features={cfg.n_features}]; got {cfg.k}")
+        self.cfg = cfg
+        self.recipe = cfg.recipe
+        self.unit_norm = cfg.recipe != "anthropic-2024-04"  # decoder columns constrained to norm 1
+        self.pre_bias = cfg.recipe != "anthropic-2024-04"   # subtract b_dec before encoding
+        d_in, n = cfg.d_in, cfg.n_features
+        self.W_enc = nn.Parameter(torch.empty(n, d_in))
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.W_dec = nn.Parameter(torch.empty(d_in, n))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("scale", torch.ones(()))  # input scale (≠ 1 only for anthropic-2024-04)
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        if self.recipe == "anthropic-2024-04":
+            self.W_dec.normal_(generator=generator)
+            self.W_dec.mul_(DEC_INIT_NORM_2024 / self.W_dec.norm(dim=0, keepdim=True))
+            self.W_enc.copy_(self.W_dec.T)
+        else:
+            nn.init.kaiming_uniform_(self.W_dec, generator=generator)
+            self.normalize_decoder()
+            if self.recipe == "topk":  # OpenAI: encoder starts as the decoder's transpose
+                self.W_enc.copy_(self.W_dec.T)
+            else:
+                nn.init.kaiming_uniform_(self.W_enc, generator=generator)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def init_b_dec(self, sample: torch.Tensor) -> None:
+        """b_dec = geometric median of a sample of inputs; anthropic-2024-04 keeps b_dec = 0."""
+        if self.recipe != "anthropic-2024-04":
+            self.b_dec.copy_(geometric_median(sample.to(self.b_dec.device) * self.scale))
+
+    @torch.no_grad()
+    def set_input_scale(self, value: float) -> None:
+        self.scale.fill_(value)
+
+    def input_scale_value(self) -> float:
+        return float(self.scale)
+
+    @torch.no_grad()
+    def init_from_data(self, sample: torch.Tensor) -> None:
+        """All data-dependent init from a sample [N, d_in]: the input scale (anthropic-2024-04), then b_dec."""
+        if self.recipe == "anthropic-2024-04":
+            self.set_input_scale(input_scale(sample))
+        self.init_b_dec(sample)
+
+    def cfg_json(self) -> dict:
+        """cfg_json(self.cfg) plus the input scale."""
+        return cfg_json(self.cfg) | {"input_scale": self.input_scale_value()}
+
+    # ---- forward pieces --------------------------------------------------------------------
+    def _pre_acts(self, xs: torch.Tensor) -> torch.Tensor:
+        if self.pre_bias:
+            xs = xs - self.b_dec
+        return xs @ self.W_enc.T + self.b_enc  # [B, n_features]
+
+    def _activate(self, pre: torch.Tensor) -> torch.Tensor:
+        if self.recipe != "topk":
+            return torch.relu(pre)
+        # keep the k largest pre-activations, then ReLU (same nonzeros as ReLU then top-k)
+        vals, idx = pre.topk(self.cfg.k, dim=-1)  # [B, k]
+        return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._activate(self._pre_acts(x * self.scale))
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in input units."""
+        return (f @ self.W_dec.T + self.b_dec) / self.scale
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """x_hat for x of any leading shape [..., d_in] (splicing into the LM), in input units."""
+        return self.decode(self.encode(x))
+
+    def _terms(self, xs: torch.Tensor, xs_hat: torch.Tensor,
+               f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mse_i = (xs_hat - xs).pow(2).mean(-1)  # [B]
+        if self.recipe == "anthropic-2024-04":
+            l1_i = f.abs() @ self.W_dec.norm(dim=0)  # [B]
+        else:
+            l1_i = f.abs().sum(-1)  # [B]
+        return mse_i, l1_i
+
+    def _auxk(self, xs: torch.Tensor, xs_hat: torch.Tensor, pre: torch.Tensor,
+              dead_mask: torch.Tensor | None) -> torch.Tensor:
+        """OpenAI's AuxK: explain the residual with the top aux_k dead latents (0 if none are dead)."""
+        zero = xs_hat.new_zeros(())
+        if self.recipe != "topk" or dead_mask is None or self.cfg.aux_k == 0:
+            return zero
+        n_dead = int(dead_mask.sum())
+        if n_dead == 0:
+            return zero
+        masked = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
+        vals, idx = masked.topk(min(self.cfg.aux_k, n_dead), dim=-1)  # [B, k_aux]
+        f_aux = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+        e = (xs - xs_hat).detach()  # [B, d_in] residual the dead latents should explain
+        e_hat = f_aux @ self.W_dec.T
+        return self.cfg.aux_coeff * (e_hat - e).pow(2).sum() / e.pow(2).sum().clamp_min(1e-12)
+
+    def forward(self, x: torch.Tensor, l1_coeff: float | None = None,
+                dead_mask: torch.Tensor | None = None) -> SAEOutput:
+        xs = x * self.scale  # [B, d_in] in the SAE's working space
+        pre = self._pre_acts(xs)
+        f = self._activate(pre)
+        xs_hat = f @ self.W_dec.T + self.b_dec
+        mse_i, l1_i = self._terms(xs, xs_hat, f)
+        mse, l1 = mse_i.mean(), l1_i.mean()
+        aux = self._auxk(xs, xs_hat, pre, dead_mask)
+        lam = 0.0 if self.recipe == "topk" else (self.cfg.l1_coeff if l1_coeff is None else l1_coeff)
+        loss = mse + lam * l1 + aux
+        return SAEOutput(xs_hat / self.scale, f, mse, l1, loss, aux)
+
+    @torch.no_grad()
+    def losses_per_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-input (mse [B], l1 [B]) with the same reductions as forward (for resampling)."""
+        xs = x * self.scale
+        f = self._activate(self._pre_acts(xs))
+        return self._terms(xs, f @ self.W_dec.T + self.b_dec, f)
+
+    # ---- decoder-norm constraint -----------------------------------------------------------
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove from W_dec.grad the part parallel to each decoder column (no-op without the constraint)."""
+        g = self.W_dec.grad
+        if not self.unit_norm or g is None:
+            return
+        w = self.W_dec
+        g.sub_(w * ((w * g).sum(0, keepdim=True) / (w * w).sum(0, keepdim=True)))
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale decoder columns to unit norm (no-op for anthropic-2024-04)."""
+        if self.unit_norm:
+            self.W_dec.div_(self.W_dec.norm(dim=0, keepdim=True).clamp_min(1e-12))
+
+
+def fired(f: torch.Tensor) -> torch.Tensor:
+    """[n_features] bool: which features were active on any vector of this batch."""
+    return (f > 0).any(dim=0)
