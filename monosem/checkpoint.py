@@ -62,9 +62,10 @@ def commit(root: str | Path, step: int, keep_last: int = 2) -> Path:
     """Rename the staging dir of `step` to its final name, point `latest` at it, prune old ones."""
     root = Path(root)
     tmp, final = staging_dir(root, step), root / step_dir_name(step)
-    for f in tmp.iterdir():  # flush file contents before the rename makes them visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):  # flush file contents before the rename makes them visible
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if final.exists():  # re-saving the same step (e.g. resume then immediate save)
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -1,0 +1,173 @@
+"""Ring + shuffle pool with a real spawned producer process running SyntheticSource (no LM).
+
+    OMP_NUM_THREADS=1 python -m pytest -q -x tests/test_buffer.py
+"""
+import gc
+import io
+import multiprocessing
+import os
+import time
+
+import pytest
+import torch
+
+from monosem.buffer import ActivationBuffer, sample_distinct, shuffle_stats
+from monosem.config import Config, ConfigError
+from monosem.errors import MonosemError
+from monosem.producer import (DTYPES, SLOTS, VECTORS, WAITING, SyntheticSource, keep_positions,
+                              synthetic_vectors)
+
+D, T = 16, 8
+
+
+def make_cfg(**buffer) -> Config:
+    cfg = Config()
+    cfg.sae.d_in, cfg.data.ctx_len = D, T
+    cfg.buffer.slot_vectors, cfg.buffer.n_slots, cfg.buffer.pool_size = 32, 3, 128
+    cfg.buffer.timeout_s = 2.0
+    for k, v in buffer.items():
+        setattr(cfg.buffer, k, v)
+    return cfg
+
+
+def source(cfg: Config, n_contexts: int | None) -> SyntheticSource:
+    return SyntheticSource(D, T, cfg.buffer.tokens_per_context, n_contexts, seed=cfg.run.seed)
+
+
+def my_segments() -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"monosem_{os.getpid()}_")]
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers():
+    yield
+    assert my_segments() == []
+    assert multiprocessing.active_children() == []
+
+
+def expected_ids(n_contexts: int, k: int, seed: int = 0) -> list[int]:
+    return sorted(c * T + p for c in range(n_contexts) for p in keep_positions(seed, c, T, k).tolist())
+
+
+def drain(buf: ActivationBuffer, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x, ids) for x, ids in buf.batches(batch_size)]
+
+
+@pytest.mark.parametrize("dtype,k", [("fp32", 0), ("bf16", 5), ("fp16", 0)])
+def test_every_vector_exactly_once_with_its_own_values(dtype, k):
+    cfg, n_ctx, B = make_cfg(dtype=dtype, tokens_per_context=k), 61, 40
+    with ActivationBuffer(cfg, rank=0, world_size=1, source=source(cfg, n_ctx), loop=False) as buf:
+        batches = drain(buf, B)
+        with pytest.raises(StopIteration):
+            buf.next_batch(B)
+    ids = torch.cat([i for _, i in batches])
+    assert sorted(ids.tolist()) == expected_ids(n_ctx, k)      # the multiset: all, each once
+    assert all(len(i) == B for _, i in batches[:-1]) and 0 < len(batches[-1][1]) <= B
+    for x, i in batches:
+        assert len(set(i.tolist())) == len(i)                    # without replacement
+        assert x.dtype == torch.float32 and x.shape == (len(i), D)
+        assert torch.equal(x, synthetic_vectors(i, D).to(DTYPES[dtype]).float())
+
+
+def test_shuffle_quality_near_uniform_and_order_is_seeded():
+    cfg, B = make_cfg(), 40
+    with ActivationBuffer(cfg, rank=0, world_size=1, source=source(cfg, 400), loop=False) as buf:
+        quality = []
+        for _ in buf.batches(B):
+            quality.append(buf.stats()["shuffle_quality"])
+    mean = sum(quality) / len(quality)
+    assert 0.8 < mean < 1.2, quality
+    # a batch of consecutive stream vectors (no shuffling) is far from uniform
+    pool = torch.arange(128) // T
+    assert shuffle_stats(pool[:B], pool)["shuffle_quality"] > 3
+
+
+def test_shuffle_stats_match_monte_carlo_reference():
+    sizes = [1, 1, 2, 3, 5, 8, 13, 21]
+    pool_ctx = torch.cat([torch.full((m,), c) for c, m in enumerate(sizes)])     # N = 54
+    B, draws, g = 10, 20000, torch.Generator().manual_seed(1)
+    shared = same = 0.0
+    for _ in range(draws):
+        ctx = pool_ctx[torch.randperm(len(pool_ctx), generator=g)[:B]].tolist()
+        counts = {c: ctx.count(c) for c in ctx}
+        shared += sum(counts[c] > 1 for c in ctx) / B
+        same += sum(counts[c] - 1 for c in ctx) / B
+    s = shuffle_stats(pool_ctx[:B], pool_ctx)
+    assert s["shuffle_shared_frac_expected"] == pytest.approx(shared / draws, abs=0.01)
+    assert s["shuffle_same_ctx_expected"] == pytest.approx(same / draws, abs=0.02)
+
+
+@pytest.mark.parametrize("n,k", [(40, 10), (400, 10)])  # randperm path, iid-draws-and-redraw path
+def test_sample_distinct_is_a_uniform_subset(n, k):
+    g, draws = torch.Generator().manual_seed(2), 20000
+    counts, firsts = torch.zeros(n), torch.zeros(n)
+    for _ in range(draws):
+        s = sample_distinct(n, k, g)
+        assert len(s) == k and len(set(s.tolist())) == k and 0 <= s.min() and s.max() < n
+        counts[s] += 1
+        firsts[s[0]] += 1                                  # the order is random too
+    mean = draws * k / n                                   # binomial: sd = sqrt(mean (1 - k/n))
+    assert (counts - mean).abs().max() < 5 * (mean * (1 - k / n)) ** 0.5
+    assert (firsts - draws / n).abs().max() < 5 * (draws / n) ** 0.5
+
+
+def wait_until(cond, what: str, limit_s: float = 60.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not cond():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.02)
+
+
+def test_backpressure_both_ways_and_fill_rule():
+    cfg = make_cfg()
+    buf = ActivationBuffer(cfg, rank=0, world_size=1, source=source(cfg, None))
+    h = buf.shared.header
+    wait_until(lambda: h[SLOTS] == 3 and h[WAITING] == 1, "producer fills the ring and waits")
+    time.sleep(0.3)
+    assert h[SLOTS] == 3 and h[VECTORS] == 3 * 32          # a full ring blocks the producer
+    assert buf.stats()["ring_fill"] == 1.0 and buf.stats()["fill"] == 0.0
+    x, ids = buf.next_batch(40)                              # pool tops up while it has room for a slot
+    assert buf.n == 128 - 40 and len(ids) == 40
+    wait_until(lambda: h[SLOTS] == 3 + 4 and h[WAITING] == 1, "producer refills the freed slots")
+    s = buf.stats()
+    assert s["producer_wait_s"] > 0 and s["consumer_wait_s"] > 0 and s["vectors_delivered"] == 40
+    with pytest.raises(ConfigError, match="pool_size"):
+        buf.next_batch(128 - 32 + 1)
+    proc = buf.proc
+    del buf, h, s                                            # the finalizer stops it without close()
+    gc.collect()
+    assert not proc.is_alive() and my_segments() == []
+
+
+def test_resume_continues_bit_identically():
+    cfg, n_ctx, B, cut = make_cfg(dtype="bf16", tokens_per_context=5, pool_size=96), 150, 24, 7
+    with ActivationBuffer(cfg, rank=0, world_size=1, source=source(cfg, n_ctx), loop=False) as buf:
+        full, state = [], None
+        for batch in buf.batches(B):
+            full.append(batch)
+            if len(full) == cut:      # snapshot mid-run; the slots left in the ring are discarded
+                f = io.BytesIO()
+                torch.save(buf.state_dict(), f)
+                state = torch.load(io.BytesIO(f.getvalue()), weights_only=True)
+    assert 0 < len(state["pool"]["ids"]) and state["pool"]["acts"].dtype == torch.bfloat16
+    with ActivationBuffer(cfg, rank=0, world_size=1, source=source(cfg, n_ctx), loop=False,
+                          state=state) as buf:
+        rest = drain(buf, B)
+    assert len(rest) == len(full) - cut
+    for (x, i), (x2, i2) in zip(full[cut:], rest):
+        assert torch.equal(i, i2) and torch.equal(x, x2)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="buffer.slot_vectors"):
+        ActivationBuffer(make_cfg(slot_vectors=T - 1, pool_size=64), rank=0, world_size=1,
+                         source=source(make_cfg(), 1))
+    with pytest.raises(ConfigError, match="buffer.pool_size"):
+        ActivationBuffer(make_cfg(pool_size=40), rank=0, world_size=1, source=source(make_cfg(), 1))
+    huge = make_cfg(pool_size=2**26)  # 2^26 x 512 x 4 B = 128 GiB of shared memory
+    huge.sae.d_in = 512
+    with pytest.raises(MonosemError, match="/dev/shm"):
+        ActivationBuffer(huge, rank=0, world_size=1, source=SyntheticSource(512, T, n_contexts=1))
+    state = {"format": "monosem-buffer/1", "dtype": "fp16", "d_in": D}
+    with pytest.raises(ConfigError, match="buffer.dtype"):
+        ActivationBuffer(make_cfg(), rank=0, world_size=1, source=source(make_cfg(), 1), state=state)
