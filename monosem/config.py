@@ -56,6 +56,11 @@ class DataConfig:
     """Fraction of contexts held out for validation (chosen deterministically)."""
     contexts_per_shard: int = 512
     """Contexts per WebDataset tar shard."""
+    shuffle_window: int = 262144
+    """Contexts permuted together before they are cut into shards, so that each shard mixes many
+    documents (memory: shuffle_window x ctx_len x 2 bytes)."""
+    shuffle_seed: int = 0
+    """Seed of that permutation."""
     num_threads: int = 2
     """Tokenizer threads."""
     dir: str = ""
@@ -263,7 +268,7 @@ CHOICES = {
     "dist.deepspeed_stage": (0, 1, 2, 3),
     "sae.resample_loss": ("total", "mse"),
 }
-POSITIVE = {"data.ctx_len", "data.contexts_per_shard", "data.num_threads", "lm.n_layer", "lm.d_model",
+POSITIVE = {"data.ctx_len", "data.contexts_per_shard", "data.shuffle_window", "data.num_threads", "lm.n_layer", "lm.d_model",
             "lm.n_head", "lm.d_mlp", "lm.vocab_size", "train_lm.steps", "train_lm.batch_size",
             "train_lm.lr", "train_lm.eval_batches", "train_lm.log_every", "train_lm.ckpt_every",
             "train_lm.keep_last", "buffer.producer_batch", "buffer.slot_vectors", "buffer.n_slots",
@@ -487,3 +492,16 @@ def save_config(cfg: Config, folder: str | Path) -> Path:
     path = Path(folder) / "config.toml"
     write_text_atomic(path, to_toml(cfg))
     return path
+
+
+def markdown_reference() -> str:
+    """The config reference as Markdown tables (the README's section is generated with this:
+    `python -c "from monosem.config import markdown_reference as m; print(m())"`)."""
+    out, current = [], None
+    for key, (typ, doc, default) in field_docs().items():
+        section = key.split(".")[0]
+        if section != current:
+            out += ["", f"**[{section}]**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+            current = section
+        out.append(f"| `{key}` | {typ} | `{_toml_value(default)}` | {doc.replace('|', '/')} |")
+    return "\n".join(out[1:])

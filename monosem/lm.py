@@ -140,7 +140,7 @@ def weights_identity(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and bytes: the LM identity SAE checkpoints refer to."""
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
+        t = tensors[name].detach().cpu().contiguous().reshape(-1)  # 0-d tensors cannot be viewed
         h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()

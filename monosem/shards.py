@@ -245,23 +245,33 @@ def val_mask(ctx_ids: np.ndarray, val_fraction: float) -> np.ndarray:
 
 
 class _SplitWriter:
-    """Collects a split's contexts and writes each full shard as soon as it is complete."""
+    """Collects a split's contexts in a shuffle window and writes full shards out of it.
 
-    def __init__(self, out_dir: Path, split: str, contexts_per_shard: int, ctx_len: int):
+    Contexts arrive in corpus order (a shard would hold a few contiguous files); permuting each window
+    of `window` contexts (seeded) makes every shard a mixture of the whole window."""
+
+    def __init__(self, out_dir: Path, split: str, contexts_per_shard: int, ctx_len: int,
+                 window: int, seed: int):
         self.out_dir, self.split, self.per_shard = out_dir, split, contexts_per_shard
         self.ctx_len, self.n_pending, self.entries = ctx_len, 0, []
+        self.window, self.seed, self.flushes = max(window, contexts_per_shard), seed, 0
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []
 
     def add(self, contexts: np.ndarray, ctx_ids: np.ndarray, final: bool = False) -> None:
         self.pending.append((contexts, ctx_ids))
         self.n_pending += len(contexts)
-        while self.n_pending >= self.per_shard or (final and self.n_pending):
-            ctx = np.concatenate([c for c, _ in self.pending])
-            ids = np.concatenate([i for _, i in self.pending])
-            k = min(self.per_shard, len(ctx))
+        if self.n_pending < self.window and not (final and self.n_pending):
+            return
+        ctx = np.concatenate([c for c, _ in self.pending])
+        ids = np.concatenate([i for _, i in self.pending])
+        perm = np.random.default_rng([self.seed, SPLITS.index(self.split), self.flushes]).permutation(len(ctx))
+        ctx, ids, self.flushes = ctx[perm], ids[perm], self.flushes + 1
+        n_write = len(ctx) if final else len(ctx) // self.per_shard * self.per_shard
+        for start in range(0, n_write, self.per_shard):
+            end = min(start + self.per_shard, n_write)
             name = f"{self.split}-{len(self.entries):06d}.tar"
-            self.entries.append(write_shard(self.out_dir / name, ctx[:k], ids[:k]))
-            self.pending, self.n_pending = [(ctx[k:], ids[k:])], len(ctx) - k
+            self.entries.append(write_shard(self.out_dir / name, ctx[start:end], ids[start:end]))
+        self.pending, self.n_pending = [(ctx[n_write:], ids[n_write:])], len(ctx) - n_write
 
     def summary(self) -> dict:
         n = sum(e["contexts"] for e in self.entries)
@@ -277,7 +287,8 @@ def _tokenize_and_write(cfg: Config, data_dir: Path) -> tuple[dict, dict]:
         raise MonosemError(f"data.max_tokens ({d.max_tokens}) is less than data.ctx_len "
                            f"({d.ctx_len}): not one context")
     data_dir.mkdir(parents=True, exist_ok=True)
-    writers = {s: _SplitWriter(data_dir, s, d.contexts_per_shard, d.ctx_len) for s in SPLITS}
+    writers = {s: _SplitWriter(data_dir, s, d.contexts_per_shard, d.ctx_len, d.shuffle_window,
+                              d.shuffle_seed) for s in SPLITS}
     stats, next_id = {"documents": 0, "tokens": 0}, 0
     # closing: stopping at max_tokens ends the progress bar and the document source at once
     with contextlib.closing(_token_chunks(iter_documents(d), d.num_threads, stats)) as chunks:

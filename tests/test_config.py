@@ -84,3 +84,12 @@ def test_cli_help_and_errors():
     r = subprocess.run([sys.executable, "-m", "monosem", "frobnicate"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown verb 'frobnicate'" in r.stderr
     assert Config() == load_config(None)
+
+
+def test_readme_documents_every_field():
+    from pathlib import Path
+
+    from monosem.config import markdown_reference
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert markdown_reference() in readme, "README config reference is stale: regenerate it"

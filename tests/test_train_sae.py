@@ -1,0 +1,210 @@
+"""train-sae end to end on real shards, a real LM and real producer processes.
+
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_train_sae.py
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from monosem.checkpoint import latest_checkpoint, load_checkpoint
+from monosem.config import load_config
+from monosem.errors import MonosemError
+from monosem.lm import LM, save_lm
+from monosem.metrics import read_histograms, read_images, read_scalars
+from monosem.shards import prepare
+from monosem.train_sae import train
+
+REPO = Path(__file__).resolve().parent.parent
+TAGS = ["train/loss", "train/mse", "train/l1", "train/l0", "train/fvu", "train/lr",
+        "features/dead_frac", "features/ultralow_frac", "features/resampled", "eval/loss_recovered",
+        "perf/vectors_per_s", "perf/tokens_per_s", "buffer/fill", "buffer/producer_wait_s",
+        "buffer/consumer_wait_s", "buffer/shuffle_quality"]
+
+
+def overrides(root: Path, name: str, *extra: str) -> list[str]:
+    return [f"--run.root={root}", f"--run.name={name}", f"--data.dir={root / 'data'}",
+            "--data.max_tokens=60000", "--data.contexts_per_shard=128", "--train_sae.steps=20",
+            "--train_sae.log_every=5", "--train_sae.eval_every=10", "--train_sae.ckpt_every=10",
+            "--train_sae.resample_steps=[10]", "--train_sae.dead_window=5", "--train_sae.batch_size=128",
+            "--buffer.pool_size=1024", "--buffer.slot_vectors=128", *extra]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """Token shards + a (random, frozen) LM shared by every run in this file."""
+    root = tmp_path_factory.mktemp("sae")
+    cfg = load_config(REPO / "configs/tiny.toml", overrides(root, "base"))
+    prepare(cfg)
+    torch.manual_seed(0)
+    save_lm(LM(cfg.lm, cfg.data.ctx_len), cfg, cfg.lm_dir)
+    return root
+
+
+def launch(root: Path, name: str, *extra: str, nproc: int = 1, timeout: int = 240, check=True):
+    """Run train-sae in real processes (accelerate launch for 2)."""
+    run_cfg(root, name)  # links the shared LM into the run folder
+    args = [f"--{a.lstrip('-')}" for a in overrides(root, name, *extra)]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "monosem.train_sae", str(REPO / "configs/tiny.toml"), *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(nproc), "--main_process_port", "0", "-m", "monosem.train_sae",
+               str(REPO / "configs/tiny.toml"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+    return r
+
+
+def run_cfg(root: Path, name: str, *extra: str):
+    """Config whose run folder is root/name, sharing the module's data and LM."""
+    cfg = load_config(REPO / "configs/tiny.toml", overrides(root, name, *extra))
+    lm = root / name / "lm"
+    if not lm.exists():
+        lm.parent.mkdir(parents=True, exist_ok=True)
+        lm.symlink_to(root / "base" / "lm")
+    return cfg
+
+
+def final_weights(cfg, name: str = "sae") -> dict:
+    ck = latest_checkpoint(cfg.sae_dir)
+    from safetensors.torch import load_file
+
+    return load_file(str(ck / name / "model.safetensors"))
+
+
+def test_sweep_metrics_and_checkpoints(root):
+    cfg = run_cfg(root, "sweep", "--sweep.l1_coeff=[1e-3,3e-3]")
+    m = train(cfg)
+    names = ["sae-n256-l1_0.001", "sae-n256-l1_0.003"]
+    for name in names:
+        tb = cfg.sae_dir / "tb" / name
+        scalars = read_scalars(tb)
+        missing = [t for t in TAGS if t not in scalars]
+        assert not missing, f"{name}: tags missing from TensorBoard: {missing}"
+        assert [s for s, _ in scalars["train/loss"]] == [5, 10, 15, 20]
+        assert scalars["features/resampled"][0][0] == 10
+        hist = read_histograms(tb)["features/log10_density"]
+        assert sum(hist[-1][1]["bucket"]) == 256
+        assert "features/density_png" in read_images(tb)
+        meta = json.loads((latest_checkpoint(cfg.sae_dir) / name / "cfg.json").read_text())
+        assert meta["l1_coeff"] in (1e-3, 3e-3) and meta["d_in"] == 64 and meta["lm_identity"]
+        assert meta["loss_convention"]
+        assert f"{name}/train/loss" in m
+    ck = load_checkpoint(cfg.sae_dir)
+    assert ck.step == 20 and ck.state["saes"] == names and ck.has_object("rank0")
+    # the two SAEs saw identical batches but differ in λ, so they differ
+    a, b = (final_weights(cfg, n)["W_enc"] for n in names)
+    assert not torch.equal(a, b)
+
+
+def test_resume_is_bit_identical_single_process(root):
+    full = run_cfg(root, "full")
+    train(full)
+    half = run_cfg(root, "half", "--train_sae.steps=10")
+    train(half)
+    half.train_sae.steps = 20
+    train(half, resume=True)
+    a, b = final_weights(full), final_weights(half)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sigkill_then_resume_matches_uninterrupted(root):
+    ref = run_cfg(root, "full")  # written by the previous test, or train it now
+    if latest_checkpoint(ref.sae_dir) is None:
+        train(ref)
+    run_cfg(root, "killed")
+    args = [f"--{a.lstrip('-')}" for a in overrides(root, "killed", "--train_sae.ckpt_every=5")]
+    proc = subprocess.Popen([sys.executable, "-m", "monosem.train_sae",
+                             str(REPO / "configs/tiny.toml"), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    sae_dir = root / "killed" / "sae"
+    deadline = time.time() + 120
+    while latest_checkpoint(sae_dir) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest_checkpoint(sae_dir) is not None
+    launch(root, "killed", "--train_sae.ckpt_every=5", "--resume")
+    a, b = final_weights(ref), final_weights(run_cfg(root, "killed"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sigterm_checkpoints_and_exits_zero(root):
+    run_cfg(root, "term")
+    args = [f"--{a.lstrip('-')}" for a in overrides(root, "term", "--train_sae.steps=100000",
+                                                     "--train_sae.ckpt_every=100000")]
+    proc = subprocess.Popen([sys.executable, "-m", "monosem.train_sae",
+                             str(REPO / "configs/tiny.toml"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    tb = root / "term" / "sae" / "tb" / "sae"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # wait until it is really training
+        if tb.is_dir() and "train/loss" in read_scalars(tb):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    ck = load_checkpoint(root / "term" / "sae")
+    assert 5 <= ck.step < 100000 and "stopped by signal" in err
+
+
+def test_two_processes_identical_params_disjoint_shards(root, tmp_path):
+    out = tmp_path / "ids"
+    env_args = ["--train_sae.steps=10"]
+    r = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--main_process_port", "0", str(REPO / "tests" / "sae_ranks.py"), str(root), str(out),
+         *[f"--{a.lstrip('-')}" for a in overrides(root, "ddp", *env_args)]],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-5000:]
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["identities"] == ranks[1]["identities"], "SAE parameters differ across ranks"
+    ctx0, ctx1 = set(ranks[0]["contexts"]), set(ranks[1]["contexts"])
+    assert ctx0 and ctx1 and not ctx0 & ctx1, "ranks consumed the same contexts"
+    assert not set(ranks[0]["shards"]) & set(ranks[1]["shards"]), "ranks read the same shards"
+
+
+def test_two_process_resume_bit_identical(root):
+    launch(root, "ddp_full", nproc=2)
+    launch(root, "ddp_half", "--train_sae.steps=10", nproc=2)
+    launch(root, "ddp_half", "--resume", nproc=2)
+    a, b = final_weights(run_cfg(root, "ddp_full")), final_weights(run_cfg(root, "ddp_half"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_bad_inputs_are_clear_errors(root):
+    with pytest.raises(MonosemError, match=r"sae.d_in = 32 but the LM .* has d_mlp = 64"):
+        train(run_cfg(root, "bad_din", "--sae.d_in=32"))
+    cfg = load_config(REPO / "configs/tiny.toml", overrides(root, "no_lm"))
+    with pytest.raises(MonosemError, match="no trained LM at .*run `monosem train-lm"):
+        train(cfg)
+
+
+def test_nan_is_an_error_and_last_checkpoint_survives(root):
+    cfg = run_cfg(root, "nan", "--train_sae.steps=10")
+    train(cfg)
+    good = final_weights(cfg)
+    cfg.train_sae.steps, cfg.train_sae.lr = 20, 1e38
+    with pytest.raises(MonosemError, match="loss is not finite at step"):
+        train(cfg, resume=True)
+    ck = load_checkpoint(cfg.sae_dir)
+    assert ck.step == 10
+    after = final_weights(cfg)
+    assert all(torch.equal(good[k], after[k]) for k in good)
