@@ -183,6 +183,9 @@ class SweepConfig:
 
 @dataclass
 class TrainSAEConfig:
+    out: str = "sae"
+    """Folder under the run for this SAE training (checkpoints, TensorBoard): several trainings can
+    share one run's shards and LM (e.g. `--train_sae.out=sae-noresample`)."""
     steps: int = 2000
     """Optimizer steps."""
     batch_size: int = 4096
@@ -257,7 +260,7 @@ class Config:
 
     @property
     def sae_dir(self) -> Path:
-        return self.run_dir / "sae"
+        return self.run_dir / self.train_sae.out
 
 
 CHOICES = {
@@ -382,8 +385,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"sae.k ({cfg.sae.k}) exceeds sae.n_features ({cfg.sae.n_features})")
     if not 0.0 < cfg.train_sae.decay_start <= 1.0:
         raise ConfigError(f"train_sae.decay_start must be in (0, 1], got {cfg.train_sae.decay_start}")
-    if cfg.run.name in ("", ".", "..") or "/" in cfg.run.name:
-        raise ConfigError(f"run.name must be a plain folder name, got {cfg.run.name!r}")
+    for key, name in (("run.name", cfg.run.name), ("train_sae.out", cfg.train_sae.out)):
+        if name in ("", ".", "..") or "/" in name or name in ("data", "lm"):
+            raise ConfigError(f"{key} must be a plain folder name (not data or lm), got {name!r}")
     return cfg
 
 

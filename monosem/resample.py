@@ -7,6 +7,8 @@ The trainer keeps a Reservoir of the vectors it consumed, and at a resample step
     losses = resample_losses(sae, x, terms=cfg.sae.resample_loss)                 # [N]
     idx = choose_inputs(losses, int(dead.sum()), cfg.train_sae.resample_power, generator)
     resample_(sae, optimizer.state, dead.nonzero().squeeze(1), x[idx])
+    # or, on plain tensors (what the trainer hands over under DeepSpeed, via monosem.dist):
+    resample_params_({"W_enc": ..., "b_enc": ..., "W_dec": ...}, {name: adam_state}, dead_idx, x[idx])
 """
 from __future__ import annotations
 
@@ -128,16 +130,32 @@ def reset_adam_rows_(param_state: dict, index: torch.Tensor, dim: int) -> None:
             moment.index_fill_(dim, index.to(moment.device), 0.0)
 
 
+RESAMPLED_PARAMS = ("W_enc", "b_enc", "W_dec")  # what resampling writes (and the dim of a feature in each)
+FEATURE_DIM = {"W_enc": 0, "b_enc": 0, "W_dec": 1}
+
+
 @torch.no_grad()
 def resample_(sae: torch.nn.Module, optimizer_state: dict, dead_idx: torch.Tensor,
               inputs: torch.Tensor) -> None:
-    """Give dead feature dead_idx[j] the direction of inputs[j] ([n_dead, d_in]), in place.
+    """Give dead feature dead_idx[j] the direction of inputs[j] ([n_dead, d_in]), in place, on a module
+    whose optimizer state is `optimizer.state` ({param: {"exp_avg": ...}}). See resample_params_."""
+    params = {name: getattr(sae, name) for name in RESAMPLED_PARAMS}
+    states = {name: optimizer_state[p] for name, p in params.items() if p in optimizer_state}
+    resample_params_(params, states, dead_idx, inputs)
+
+
+@torch.no_grad()
+def resample_params_(params: dict[str, torch.Tensor], states: dict[str, dict], dead_idx: torch.Tensor,
+                     inputs: torch.Tensor) -> None:
+    """Resampling on plain tensors, in place: params {"W_enc" [n_features, d_in], "b_enc" [n_features],
+    "W_dec" [d_in, n_features]}, states {name: Adam state dict} (missing names: no state yet).
 
     W_dec[:, i] = x / ‖x‖; W_enc[i] = x / ‖x‖ · 0.2 · mean alive ‖W_enc[j]‖ (all if none); b_enc[i] = 0;
-    Adam moments of those columns/rows/entries zeroed. optimizer_state: `optimizer.state`.
+    Adam moments of those columns/rows/entries zeroed.
     """
-    n_features, d_in = sae.W_enc.shape
-    dead_idx = dead_idx.to(sae.W_enc.device).long()
+    W_enc, b_enc, W_dec = (params[name] for name in RESAMPLED_PARAMS)
+    n_features, d_in = W_enc.shape
+    dead_idx = dead_idx.to(W_enc.device).long()
     if dead_idx.ndim != 1 or inputs.shape != (len(dead_idx), d_in):
         raise MonosemError(f"resample_: dead_idx {tuple(dead_idx.shape)} and inputs "
                            f"{tuple(inputs.shape)} must be [n_dead] and [n_dead, {d_in}]")
@@ -146,22 +164,21 @@ def resample_(sae: torch.nn.Module, optimizer_state: dict, dead_idx: torch.Tenso
     if len(dead_idx.unique()) != len(dead_idx) or dead_idx.min() < 0 or dead_idx.max() >= n_features:
         raise MonosemError(f"resample_: dead_idx must be distinct features in [0, {n_features}); "
                            f"got {dead_idx.tolist()[:10]}")
-    x = inputs.to(sae.W_enc.device, sae.W_enc.dtype)
+    x = inputs.to(W_enc.device, W_enc.dtype)
     norms = x.norm(dim=1, keepdim=True)  # [n_dead, 1]
     if (norms == 0).any():
         raise MonosemError(f"resample_: zero input vector chosen for feature(s) "
                            f"{dead_idx[(norms[:, 0] == 0)].tolist()}")
     alive = torch.ones(n_features, dtype=torch.bool, device=dead_idx.device)
     alive[dead_idx] = False
-    enc_norms = sae.W_enc.norm(dim=1)  # [n_features]
+    enc_norms = W_enc.norm(dim=1)  # [n_features]
     ref = enc_norms[alive].mean() if alive.any() else enc_norms.mean()  # all dead: mean over all rows
     direction = x / norms  # [n_dead, d_in]
-    sae.W_dec[:, dead_idx] = direction.T
-    sae.W_enc[dead_idx] = direction * (ENC_NORM_FACTOR * ref)
-    sae.b_enc[dead_idx] = 0.0
-    for param, dim in ((sae.W_enc, 0), (sae.b_enc, 0), (sae.W_dec, 1)):
-        if param in optimizer_state:
-            reset_adam_rows_(optimizer_state[param], dead_idx, dim)
+    W_dec[:, dead_idx] = direction.T.to(W_dec.dtype)
+    W_enc[dead_idx] = direction * (ENC_NORM_FACTOR * ref)
+    b_enc[dead_idx] = 0.0
+    for name, state in states.items():
+        reset_adam_rows_(state, dead_idx, FEATURE_DIM[name])
 
 
 def dead_mask(last_fired_step: torch.Tensor, step: int, dead_window: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ d_in elements for every recipe (the April update writes a sum: its λ is ours ×
 
     sae = SAE(cfg.sae, generator=torch.Generator().manual_seed(0)); sae.init_from_data(sample)
     out = sae(x, l1_coeff=lam, dead_mask=dead)            # SAEOutput(x_hat, f, mse, l1, loss, aux)
-    out.loss.backward(); sae.project_decoder_grad(); opt.step(); sae.normalize_decoder()
+    out.loss.backward(); opt.step(); sae.normalize_decoder()     # W_dec's gradient is projected in forward
 """
 from __future__ import annotations
 
@@ -102,6 +102,32 @@ def lr_factor(step: int, total: int, warmup: int, decay_start: float) -> float:
     return factor
 
 
+def normalize_columns_(W_dec: torch.Tensor) -> torch.Tensor:
+    """Rescale each column of W_dec [d_in, n_features] to unit norm, in place; returns W_dec."""
+    return W_dec.div_(W_dec.norm(dim=0, keepdim=True).clamp_min(1e-12))
+
+
+class _ProjectColumnGrad(torch.autograd.Function):
+    """Identity forward; backward removes from each column of the gradient its part parallel to that
+    column of W_dec: g - w (w·g) / (w·w). Inside the graph, so it holds under any engine (DDP, or DeepSpeed
+    ZeRO where `W_dec.grad` is never exposed between backward and step); linear, so projecting each rank's
+    gradient before the reduction equals projecting the reduced one. Saves a detached copy of W_dec, since
+    ZeRO-3 frees the gathered parameter after forward."""
+
+    @staticmethod
+    def forward(ctx, W_dec: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(W_dec.detach().clone())
+        return W_dec.view_as(W_dec)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        (w,) = ctx.saved_tensors
+        dtype = torch.promote_types(g.dtype, torch.float32)  # bf16 weights: project in float32
+        w, g_ = w.to(dtype), g.to(dtype)
+        coef = (w * g_).sum(0, keepdim=True) / (w * w).sum(0, keepdim=True).clamp_min(1e-30)
+        return (g_ - w * coef).to(g.dtype)
+
+
 class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):
         super().__init__()
@@ -138,10 +164,24 @@ class SAE(nn.Module):
         self.b_dec.zero_()
 
     @torch.no_grad()
+    def b_dec_from_data(self, sample: torch.Tensor) -> torch.Tensor | None:
+        """The geometric median of a (scaled) sample [N, d_in]; None for anthropic-2024-04 (b_dec stays 0)."""
+        if self.recipe == "anthropic-2024-04":
+            return None
+        return geometric_median(sample.to(self.scale.device) * self.scale)
+
+    @torch.no_grad()
     def init_b_dec(self, sample: torch.Tensor) -> None:
         """b_dec = geometric median of a sample of inputs; anthropic-2024-04 keeps b_dec = 0."""
-        if self.recipe != "anthropic-2024-04":
-            self.b_dec.copy_(geometric_median(sample.to(self.b_dec.device) * self.scale))
+        value = self.b_dec_from_data(sample)
+        if value is not None:
+            self.b_dec.copy_(value)
+
+    @torch.no_grad()
+    def init_input_scale(self, sample: torch.Tensor) -> None:
+        """The data-dependent input scale (a buffer; anthropic-2024-04 only)."""
+        if self.recipe == "anthropic-2024-04":
+            self.set_input_scale(input_scale(sample))
 
     @torch.no_grad()
     def set_input_scale(self, value: float) -> None:
@@ -153,8 +193,7 @@ class SAE(nn.Module):
     @torch.no_grad()
     def init_from_data(self, sample: torch.Tensor) -> None:
         """All data-dependent init from a sample [N, d_in]: the input scale (anthropic-2024-04), then b_dec."""
-        if self.recipe == "anthropic-2024-04":
-            self.set_input_scale(input_scale(sample))
+        self.init_input_scale(sample)
         self.init_b_dec(sample)
 
     def cfg_json(self) -> dict:
@@ -195,7 +234,7 @@ class SAE(nn.Module):
         return mse_i, l1_i
 
     def _auxk(self, xs: torch.Tensor, xs_hat: torch.Tensor, pre: torch.Tensor,
-              dead_mask: torch.Tensor | None) -> torch.Tensor:
+              dead_mask: torch.Tensor | None, W_dec: torch.Tensor) -> torch.Tensor:
         """OpenAI's AuxK: explain the residual with the top aux_k dead latents (0 if none are dead)."""
         zero = xs_hat.new_zeros(())
         if self.recipe != "topk" or dead_mask is None or self.cfg.aux_k == 0:
@@ -207,7 +246,7 @@ class SAE(nn.Module):
         vals, idx = masked.topk(min(self.cfg.aux_k, n_dead), dim=-1)  # [B, k_aux]
         f_aux = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
         e = (xs - xs_hat).detach()  # [B, d_in] residual the dead latents should explain
-        e_hat = f_aux @ self.W_dec.T
+        e_hat = f_aux @ W_dec.T
         return self.cfg.aux_coeff * (e_hat - e).pow(2).sum() / e.pow(2).sum().clamp_min(1e-12)
 
     def forward(self, x: torch.Tensor, l1_coeff: float | None = None,
@@ -215,10 +254,12 @@ class SAE(nn.Module):
         xs = x * self.scale  # [B, d_in] in the SAE's working space
         pre = self._pre_acts(xs)
         f = self._activate(pre)
-        xs_hat = f @ self.W_dec.T + self.b_dec
+        # unit-norm recipes: W_dec's gradient (both paths: reconstruction and AuxK) comes back projected
+        W_dec = _ProjectColumnGrad.apply(self.W_dec) if self.unit_norm else self.W_dec
+        xs_hat = f @ W_dec.T + self.b_dec
         mse_i, l1_i = self._terms(xs, xs_hat, f)
         mse, l1 = mse_i.mean(), l1_i.mean()
-        aux = self._auxk(xs, xs_hat, pre, dead_mask)
+        aux = self._auxk(xs, xs_hat, pre, dead_mask, W_dec)
         lam = 0.0 if self.recipe == "topk" else (self.cfg.l1_coeff if l1_coeff is None else l1_coeff)
         loss = mse + lam * l1 + aux
         return SAEOutput(xs_hat / self.scale, f, mse, l1, loss, aux)
@@ -233,7 +274,9 @@ class SAE(nn.Module):
     # ---- decoder-norm constraint -----------------------------------------------------------
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
-        """Remove from W_dec.grad the part parallel to each decoder column (no-op without the constraint)."""
+        """Remove from W_dec.grad the part parallel to each decoder column (no-op without the constraint).
+        forward() already projects inside the graph, so after `loss.backward()` this is a (harmless)
+        second projection; it is kept for gradients that did not come through forward()."""
         g = self.W_dec.grad
         if not self.unit_norm or g is None:
             return
@@ -244,7 +287,7 @@ class SAE(nn.Module):
     def normalize_decoder(self) -> None:
         """Rescale decoder columns to unit norm (no-op for anthropic-2024-04)."""
         if self.unit_norm:
-            self.W_dec.div_(self.W_dec.norm(dim=0, keepdim=True).clamp_min(1e-12))
+            normalize_columns_(self.W_dec)
 
 
 def fired(f: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,7 @@ def train(cfg: Config, resume: bool = False,
         reservoir.load_state_dict(rank_state["reservoir"])
     buffer = ActivationBuffer(cfg, rank=rank, world_size=world, lm_path=cfg.lm_dir,
                               data_dir=cfg.data_dir, state=rank_state.get("buffer"))
-    stopper, metrics = StopFlag(), {}
+    stopper, metrics, main_rank = StopFlag(), {}, dist.is_main()
     bar = tqdm(total=ts.steps, initial=step, disable=not dist.is_main(), desc="train-sae",
                dynamic_ncols=True)
     window_start, window_steps = time.perf_counter(), 0
@@ -137,7 +137,7 @@ def train(cfg: Config, resume: bool = False,
         for t in trainees:
             t.writer.close()
         dist.teardown(accelerator, trainees)
-    if dist.is_main():
+    if main_rank:  # (after teardown every process looks like rank 0)
         _report(cfg, metrics, trainees)
     return metrics
 

@@ -163,7 +163,8 @@ def resample_dead(t: Trainee, reservoir: resample.Reservoir, step: int, cfg: Con
     if len(dead_idx):
         x = reservoir.tensor().to(next(sae.parameters()).device)         # [N_rank, d_in]
         with dist.gathered_params(t.model):                             # ZeRO-3: collective
-            losses = resample.resample_losses(sae, x, t.cfg.l1_coeff, terms=t.cfg.resample_loss)
+            l1_coeff = sae_lib.l1_coeff_at(step, t.cfg.l1_coeff, ts.l1_warmup_steps)  # as trained now
+            losses = resample.resample_losses(sae, x, l1_coeff, terms=t.cfg.resample_loss)
         gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
         inputs = dist.gather_chosen(losses, x, lambda all_losses: resample.choose_inputs(
             all_losses, len(dead_idx), ts.resample_power, gen))        # [n_dead, d_in]
@@ -195,7 +196,8 @@ def eval_loss_recovered(trainees: list[Trainee], lm, cfg: Config, step: int,
     tokens, out = _cache[key], {}
     for t in trainees:
         sae = t.sae
-        reconstruct = lambda h: sae.reconstruct(h)  # noqa: E731 - [b, t, d_mlp] -> same
+        # [b*t, d_mlp] -> same; in the SAE's own dtype (DeepSpeed bf16 keeps bf16 weights in the module)
+        reconstruct = lambda h: sae.reconstruct(h.to(sae.W_dec.dtype)).to(h.dtype)  # noqa: E731
         with dist.gathered_params(t.model):
             r = metrics.loss_recovered(lm, tokens.to(next(lm.parameters()).device), reconstruct)
         values = {f"eval/{k}": float(v) for k, v in r.items()}
@@ -224,7 +226,8 @@ def save_all(cfg: Config, step: int, trainees: list[Trainee], reservoir: resampl
                     "hook_layer": cfg.lm.hook_layer, "lm_identity": lm_identity(cfg.lm_dir)}
             (tmp / t.name / "cfg.json").write_text(json.dumps(meta, indent=2) + "\n")
         write_parts(tmp, state={"step": step, "world_size": dist.world_size(),
-                                "saes": [t.name for t in trainees]}, config=cfg)
+                                "saes": [t.name for t in trainees],
+                                "zero_stage": dist.zero_stage(trainees[0].model)}, config=cfg)
     dist.barrier()
     if dist.is_main():
         commit(cfg.sae_dir, step, cfg.train_sae.keep_last)
