@@ -14,10 +14,8 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import sys
 import tarfile
-import tempfile
 import time
 from fractions import Fraction
 from importlib import metadata
@@ -28,7 +26,7 @@ import numpy as np
 
 from monosem.config import Config, save_config
 from monosem.errors import MonosemError
-from monosem.files import write_json_atomic
+from monosem.files import open_atomic, write_json_atomic
 
 FORMAT = "monosem-shards/1"
 SPLITS = ("train", "val")
@@ -54,25 +52,16 @@ def write_shard(path: Path, contexts: np.ndarray, ctx_ids: np.ndarray) -> dict:
     webdataset's TarWriter writes (USTAR, one member per sample field); plain `tarfile` is used
     because `import webdataset` imports torch (2-4 s)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            header = _npy_header(contexts.shape[1])
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for ctx, cid in zip(contexts, ctx_ids):
-                    data = header + ctx.astype("<u2", copy=False).tobytes()  # == np.save bytes
-                    info = tarfile.TarInfo(f"{int(cid):010d}.tokens.npy")
-                    # fixed mtime/owner: equal contexts give byte-identical tars (same sha256)
-                    info.size, info.mode, info.mtime = len(data), 0o444, 0
-                    info.uname = info.gname = "monosem"
-                    tar.addfile(info, io.BytesIO(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with open_atomic(path) as f:
+        header = _npy_header(contexts.shape[1])
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for ctx, cid in zip(contexts, ctx_ids):
+                data = header + ctx.astype("<u2", copy=False).tobytes()  # == np.save bytes
+                info = tarfile.TarInfo(f"{int(cid):010d}.tokens.npy")
+                # fixed mtime/owner: equal contexts give byte-identical tars (same sha256)
+                info.size, info.mode, info.mtime = len(data), 0o444, 0
+                info.uname = info.gname = "monosem"
+                tar.addfile(info, io.BytesIO(data))
     return {"name": path.name, "contexts": int(len(contexts)), "tokens": int(contexts.size),
             "bytes": path.stat().st_size, "sha256": _sha256(path)}
 

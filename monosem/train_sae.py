@@ -25,7 +25,7 @@ from tqdm import tqdm
 from monosem import dist
 from monosem.buffer import ActivationBuffer
 from monosem.checkpoint import latest_checkpoint, load_checkpoint
-from monosem.config import Config, load_config
+from monosem.config import Config
 from monosem.errors import MonosemError
 from monosem.lm import load_lm, weights_identity
 from monosem.resample import Reservoir

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from monosem.checkpoint import latest_checkpoint, load_checkpoint
+from monosem.checkpoint import load_checkpoint
 from monosem.config import load_config, to_toml
 from monosem.errors import MonosemError
 from monosem.files import write_text_atomic
