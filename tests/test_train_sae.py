@@ -208,3 +208,24 @@ def test_nan_is_an_error_and_last_checkpoint_survives(root):
     assert ck.step == 10
     after = final_weights(cfg)
     assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+@pytest.mark.parametrize("recipe,extra", [
+    ("anthropic-2023", []),
+    ("anthropic-2024-04", ["--train_sae.l1_warmup_steps=5", "--train_sae.decay_start=0.8"]),
+    ("topk", ["--sae.k=8"]),
+])
+def test_each_recipe_trains_through_the_trainer(root, recipe, extra):
+    cfg = run_cfg(root, f"recipe-{recipe}", f"--sae.recipe={recipe}", "--train_sae.eval_every=0",
+                  "--train_sae.steps=30", *extra)
+    train(cfg)
+    scalars = read_scalars(cfg.sae_dir / "tb" / "sae")
+    mse = [v for _, v in scalars["train/mse"]]
+    assert mse[-1] < 0.85 * mse[0], f"{recipe}: reconstruction did not improve: {mse}"
+    meta = json.loads((latest_checkpoint(cfg.sae_dir) / "sae" / "cfg.json").read_text())
+    assert meta["recipe"] == recipe
+    if recipe == "topk":  # exactly k active features per vector, at every logged step
+        assert all(v == 8.0 for _, v in scalars["train/l0"])
+    if recipe == "anthropic-2024-04":
+        lrs = [v for _, v in scalars["train/lr"]]
+        assert lrs[-1] < lrs[0], "the LR decays over the last 20%"
