@@ -2,10 +2,11 @@
 
     monosem quickstart                          # configs/quickstart.toml, everything under runs/quickstart/
     monosem quickstart configs/tiny.toml        # seconds, for a smoke test
-    monosem quickstart --resume                 # pick up the LM / SAE stages from their last checkpoints
+    monosem quickstart                          # again: finished stages are skipped, stopped ones resume
 
 Stages: prepare (Python standard library -> token shards), train-lm (the frozen 1-layer LM), train-sae
-(SAE on its streamed MLP activations). Each stage skips work already done; at the end it prints where
+(SAE on its streamed MLP activations). Each stage skips work already done and resumes work that was
+stopped (from its latest checkpoint); at the end it prints where
 everything went, the headline figures and the TensorBoard command.
 """
 from __future__ import annotations
@@ -44,13 +45,26 @@ def quickstart(cfg: Config, resume: bool = False) -> dict:
     times["train_lm_s"] = time.perf_counter() - t
 
     t = _stage(f"train-sae -> {cfg.sae_dir}")
-    sae_metrics = train(cfg, resume=resume)
+    sae_ckpt = latest_checkpoint(cfg.sae_dir)
+    if sae_ckpt is not None and load_checkpoint(sae_ckpt).step >= cfg.train_sae.steps:
+        print(f"SAE already trained ({sae_ckpt}); skipping")
+        sae_metrics = _last_scalars(cfg.sae_dir / "tb")
+    else:
+        sae_metrics = train(cfg, resume=resume or sae_ckpt is not None)
     times["train_sae_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - t0
 
     out = {"tokens": manifest["splits"]["train"]["tokens"], **lm_metrics, **sae_metrics, **times}
     _summary(cfg, out)
     return out
+
+
+def _last_scalars(tb_root) -> dict:
+    """{"<sae>/<tag>": last value} from the TensorBoard runs of a finished training."""
+    from monosem.metrics import read_scalars
+
+    return {f"{run.name}/{tag}": values[-1][1] for run in sorted(tb_root.iterdir()) if run.is_dir()
+            for tag, values in read_scalars(run).items() if values}
 
 
 def _summary(cfg: Config, m: dict) -> None:

@@ -59,7 +59,10 @@ def check_lm(cfg: Config) -> torch.nn.Module:
 
 def resume_point(cfg: Config, resume: bool) -> tuple[int, object | None, dict]:
     """(start step, checkpoint or None, this rank's saved state)."""
-    path = latest_checkpoint(cfg.sae_dir) if resume else None
+    path = latest_checkpoint(cfg.sae_dir)
+    if path is not None and not resume:  # never overwrite a trained SAE by accident
+        raise MonosemError(f"{cfg.sae_dir} already holds checkpoints ({path.name}): pass --resume to "
+                           "continue, or --train_sae.out=NAME to train another SAE on this run")
     if path is None:
         return 0, None, {}
     ckpt = load_checkpoint(path)
