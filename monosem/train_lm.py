@@ -161,7 +161,8 @@ def _loop(cfg, accelerator, raw: LM, model, optimizer, stream, step, metrics, wr
     batches = stream.batches(tc.batch_size)
     window = torch.zeros(2, dtype=torch.float64)  # [sum of step losses, steps] since the last log
     t0 = time.perf_counter()
-    bar = tqdm(total=tc.steps, initial=step, disable=not dist.is_main(), desc="train-lm", dynamic_ncols=True)
+    bar = tqdm(total=tc.steps, initial=step, disable=not dist.is_main(), desc="train-lm",
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10)  # logs: a line/10 s
     _log(writer, step, {"val/unigram_entropy": metrics["unigram_entropy"]})
     while step < tc.steps:
         lr = lr_at(step, tc)

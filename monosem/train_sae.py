@@ -94,8 +94,8 @@ def train(cfg: Config, resume: bool = False,
     buffer = ActivationBuffer(cfg, rank=rank, world_size=world, lm_path=cfg.lm_dir,
                               data_dir=cfg.data_dir, state=rank_state.get("buffer"))
     stopper, metrics, main_rank = StopFlag(), {}, dist.is_main()
-    bar = tqdm(total=ts.steps, initial=step, disable=not dist.is_main(), desc="train-sae",
-               dynamic_ncols=True)
+    bar = tqdm(total=ts.steps, initial=step, disable=not main_rank, desc="train-sae",
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10)  # logs: a line/10 s
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < ts.steps:
