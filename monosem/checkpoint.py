@@ -140,6 +140,14 @@ class Checkpoint:
         return (self.path / f"{name}.pt").is_file()
 
 
+def load_state(path: str | Path) -> dict:
+    """A step folder's state.json alone (no weights read)."""
+    try:
+        return json.loads((Path(path) / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MonosemError(f"checkpoint {path}: unreadable state.json: {e}") from e
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load a step folder (or a root: its latest). Errors name the folder and the file."""
     path = Path(path)
@@ -149,10 +157,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             raise MonosemError(f"no checkpoint found in {path} (expected step-N/ folders with "
                                "state.json)")
         path = latest
-    try:
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MonosemError(f"checkpoint {path}: unreadable state.json: {e}") from e
+    state = load_state(path)
     weights = path / "model.safetensors"
     try:
         tensors = load_file(str(weights)) if weights.is_file() else {}

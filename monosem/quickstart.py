@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from monosem.checkpoint import latest_checkpoint, load_checkpoint
+from monosem.checkpoint import latest_checkpoint, load_state
 from monosem.config import Config, save_config
 
 
@@ -37,8 +37,9 @@ def quickstart(cfg: Config, resume: bool = False) -> dict:
 
     t = _stage(f"train-lm -> {cfg.lm_dir}")
     lm_ckpt = latest_checkpoint(cfg.lm_dir)
-    if lm_ckpt is not None and load_checkpoint(lm_ckpt).step >= cfg.train_lm.steps:
-        lm_metrics = load_checkpoint(lm_ckpt).state.get("metrics", {})
+    lm_state = load_state(lm_ckpt) if lm_ckpt is not None else {}
+    if lm_state.get("step", 0) >= cfg.train_lm.steps:
+        lm_metrics = lm_state.get("metrics", {})
         print(f"LM already trained ({lm_ckpt}); skipping")
     else:
         lm_metrics = train_lm(cfg, resume=resume or lm_ckpt is not None)
@@ -46,7 +47,7 @@ def quickstart(cfg: Config, resume: bool = False) -> dict:
 
     t = _stage(f"train-sae -> {cfg.sae_dir}")
     sae_ckpt = latest_checkpoint(cfg.sae_dir)
-    if sae_ckpt is not None and load_checkpoint(sae_ckpt).step >= cfg.train_sae.steps:
+    if sae_ckpt is not None and load_state(sae_ckpt).get("step", 0) >= cfg.train_sae.steps:
         print(f"SAE already trained ({sae_ckpt}); skipping")
         sae_metrics = _last_scalars(cfg.sae_dir / "tb")
     else:

@@ -18,9 +18,9 @@ from monosem import sae as sae_lib
 from monosem.checkpoint import latest_checkpoint, load_checkpoint
 from monosem.config import Config, SAEConfig, load_config
 from monosem.errors import MonosemError
-from monosem.lm import LM, save_lm
 from monosem.metrics import read_scalars
-from monosem.shards import prepare
+
+from tinyrun import make_tiny_run  # tests/tinyrun.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ds_edit  # noqa: E402 - the 2-process helper; its constants define the reference below
@@ -46,10 +46,7 @@ def overrides(root: Path, name: str, *extra: str) -> list[str]:
 def root(tmp_path_factory):
     """Token shards + a (random, frozen) LM shared by every run in this file; launcher environment."""
     root = tmp_path_factory.mktemp("ds")
-    cfg = load_config(REPO / "configs/tiny.toml", overrides(root, "base"))
-    prepare(cfg)
-    torch.manual_seed(0)
-    save_lm(LM(cfg.lm, cfg.data.ctx_len), cfg, cfg.lm_dir)
+    make_tiny_run(overrides(root, "base"))
     return root
 
 

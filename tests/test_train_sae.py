@@ -16,10 +16,10 @@ import torch
 from monosem.checkpoint import latest_checkpoint, load_checkpoint
 from monosem.config import load_config
 from monosem.errors import MonosemError
-from monosem.lm import LM, save_lm
 from monosem.metrics import read_histograms, read_images, read_scalars
-from monosem.shards import prepare
 from monosem.train_sae import train
+
+from tinyrun import make_tiny_run  # tests/tinyrun.py
 
 REPO = Path(__file__).resolve().parent.parent
 TAGS = ["train/loss", "train/mse", "train/l1", "train/l0", "train/fvu", "train/lr",
@@ -40,17 +40,14 @@ def overrides(root: Path, name: str, *extra: str) -> list[str]:
 def root(tmp_path_factory):
     """Token shards + a (random, frozen) LM shared by every run in this file."""
     root = tmp_path_factory.mktemp("sae")
-    cfg = load_config(REPO / "configs/tiny.toml", overrides(root, "base"))
-    prepare(cfg)
-    torch.manual_seed(0)
-    save_lm(LM(cfg.lm, cfg.data.ctx_len), cfg, cfg.lm_dir)
+    make_tiny_run(overrides(root, "base"))
     return root
 
 
 def launch(root: Path, name: str, *extra: str, nproc: int = 1, timeout: int = 240, check=True):
     """Run train-sae in real processes (accelerate launch for 2)."""
     run_cfg(root, name)  # links the shared LM into the run folder
-    args = [f"--{a.lstrip('-')}" for a in overrides(root, name, *extra)]
+    args = overrides(root, name, *extra)
     if nproc == 1:
         cmd = [sys.executable, "-m", "monosem.train_sae", str(REPO / "configs/tiny.toml"), *args]
     else:
@@ -124,7 +121,7 @@ def test_sigkill_then_resume_matches_uninterrupted(root):
     if latest_checkpoint(ref.sae_dir) is None:
         train(ref)
     run_cfg(root, "killed")
-    args = [f"--{a.lstrip('-')}" for a in overrides(root, "killed", "--train_sae.ckpt_every=5")]
+    args = overrides(root, "killed", "--train_sae.ckpt_every=5")
     proc = subprocess.Popen([sys.executable, "-m", "monosem.train_sae",
                              str(REPO / "configs/tiny.toml"), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -144,8 +141,7 @@ def test_sigkill_then_resume_matches_uninterrupted(root):
 
 def test_sigterm_checkpoints_and_exits_zero(root):
     run_cfg(root, "term")
-    args = [f"--{a.lstrip('-')}" for a in overrides(root, "term", "--train_sae.steps=100000",
-                                                     "--train_sae.ckpt_every=100000")]
+    args = overrides(root, "term", "--train_sae.steps=100000", "--train_sae.ckpt_every=100000")
     proc = subprocess.Popen([sys.executable, "-m", "monosem.train_sae",
                              str(REPO / "configs/tiny.toml"), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
@@ -169,7 +165,7 @@ def test_two_processes_identical_params_disjoint_shards(root, tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--main_process_port", "0", str(REPO / "tests" / "sae_ranks.py"), str(root), str(out),
-         *[f"--{a.lstrip('-')}" for a in overrides(root, "ddp", *env_args)]],
+         *overrides(root, "ddp", *env_args)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-5000:]
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
