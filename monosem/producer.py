@@ -4,7 +4,7 @@ ActivationBuffer (monosem.buffer) spawns one per rank; it is not started by hand
 position in a stream into activation vectors, one context at a time: LMSource (TokenStream -> frozen LM
 -> MLP post-activation, optionally a seeded random subset of positions per context) or SyntheticSource
 (no LM: for tests and for measuring the ring + pool alone). The producer writes whole contexts straight
-into the pool rows the consumer lent with each ring slot (SharedPool: the segment both sides map).
+into the block of pool rows the consumer lent as a ring slot (SharedPool: the segment both sides map).
 
     src = LMSource(cfg, rank=0, world_size=1, lm_path="runs/tiny/lm", data_dir="runs/tiny/data")
     for acts, ids, state in src.contexts(None):   # [k, d_in] storage dtype, [k] int64, state after it
@@ -39,12 +39,12 @@ HEADER = 8
 
 
 class SharedPool:
-    """The segment: header float64 [8] | slot table int64 [n_slots, S] (rows lent to each slot) |
-    ids int64 [R] | acts [R, d_in] in the storage dtype. spec = (n_slots, S, R, d_in, dtype name)."""
+    """The segment: header float64 [8] | ids int64 [R] | acts [R, d_in] in the storage dtype, R rows in
+    blocks of S (a ring slot lends one block). spec = (S, R, d_in, dtype name)."""
 
     def __init__(self, spec: tuple, name: str | None = None):
-        n_slots, S, R, d_in, dtype = self.spec = spec
-        sizes = [HEADER * 8, n_slots * S * 8, R * 8, R * d_in * DTYPES[dtype].itemsize]
+        S, R, d_in, dtype = self.spec = spec
+        sizes = [HEADER * 8, R * 8, R * d_in * DTYPES[dtype].itemsize]
         create = name is None
         if create:        # consumer
             _check_room(sum(sizes))
@@ -54,11 +54,11 @@ class SharedPool:
             self.shm = shared_memory.SharedMemory(name=name)
         self.name, buf, off = name, self.shm.buf, np.cumsum([0] + sizes).tolist()
         self.header = torch.frombuffer(buf, dtype=torch.float64, count=HEADER)
-        self.table = torch.frombuffer(buf, dtype=torch.int64, count=n_slots * S, offset=off[1]
-                                      ).view(n_slots, S)                        # [n_slots, S]
-        self.ids = torch.frombuffer(buf, dtype=torch.int64, count=R, offset=off[2])   # [R]
-        self.acts = torch.frombuffer(buf, dtype=DTYPES[dtype], count=R * d_in, offset=off[3]
+        self.ids = torch.frombuffer(buf, dtype=torch.int64, count=R, offset=off[1])   # [R]
+        self.acts = torch.frombuffer(buf, dtype=DTYPES[dtype], count=R * d_in, offset=off[2]
                                      ).view(R, d_in)                            # [R, d_in]
+        # numpy views for scattered row moves: measured ~2x faster than torch's index_copy_
+        self.acts_np, self.ids_np = bits(self.acts), self.ids.numpy()
         # map every page now: the first touch of a page by a process costs a page fault (~3x slower writes,
         # ~8x slower gathers while it lasts); the producer reads one element per page (restored rows live)
         if create:
@@ -66,15 +66,21 @@ class SharedPool:
             self.ids.zero_()
         else:
             self.acts.view(-1)[::4096 // self.acts.element_size()].sum()
+        self.S = S
 
     def close(self, unlink: bool) -> None:
         """Drop the views, unmap; unlink the name (first: that is what frees /dev/shm)."""
-        self.header = self.table = self.ids = self.acts = None
+        self.header = self.ids = self.acts = self.acts_np = self.ids_np = None
         if unlink:
             with suppress(FileNotFoundError):
                 self.shm.unlink()
         with suppress(BufferError):  # a view still alive elsewhere: the mapping goes with the process
             self.shm.close()
+
+
+def bits(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of t's bytes as same-width integers (numpy has no bfloat16)."""
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()]).numpy()
 
 
 def _check_room(size: int) -> None:
@@ -85,8 +91,8 @@ def _check_room(size: int) -> None:
             raise MonosemError(
                 f"the activation buffer needs {size / 2**20:.0f} MiB of shared memory, /dev/shm has "
                 f"{st.f_bavail * st.f_frsize / 2**20:.0f} MiB free: lower buffer.pool_size, "
-                f"buffer.n_slots or buffer.slot_vectors, use buffer.dtype=bf16, or enlarge /dev/shm "
-                f"(docker run --shm-size=...)")
+                f"buffer.n_slots, buffer.spare_fraction or buffer.slot_vectors, use buffer.dtype=bf16, "
+                f"or enlarge /dev/shm (docker run --shm-size=...)")
 
 
 Context = tuple[torch.Tensor, torch.Tensor, dict]  # acts [k, d_in], provenance ids [k], state after it
@@ -225,31 +231,31 @@ def run_producer(source, name: str, spec: tuple, full_w, free_r, parent_pid: int
 
 def produce(contexts: Iterator[Context], shared: SharedPool, full_w, free_r, parent_pid: int,
             contexts_per_slot: int, poll_s: float) -> None:
-    """Whole contexts into the rows of lent slots; a slot is announced with the source state after
-    its last context."""
+    """Whole contexts into the block of each lent slot; a slot is announced with the source state
+    after its last context."""
     h = shared.header
     while True:
-        slot = wait_free(free_r, h, parent_pid, poll_s)
-        if slot is None:  # stop
+        block = wait_free(free_r, h, parent_pid, poll_s)
+        if block is None:  # stop
             return
         t0 = time.perf_counter()
-        count, state, ended, write_s = fill_slot(contexts, shared, slot, contexts_per_slot)
+        count, state, ended, write_s = fill_slot(contexts, shared, block, contexts_per_slot)
         h[BUSY_S] += time.perf_counter() - t0
         h[WRITE_S] += write_s
         if count:
             h[VECTORS] += count
             h[SLOTS] += 1
-            send(full_w, ("slot", slot, count, state))
+            send(full_w, ("slot", block, count, state))
         if ended:
             send(full_w, ("end",))
             return
 
 
-def fill_slot(contexts: Iterator[Context], shared: SharedPool, slot: int,
+def fill_slot(contexts: Iterator[Context], shared: SharedPool, block: int,
               n_contexts: int) -> tuple[int, dict | None, bool, float]:
-    """Up to n_contexts whole contexts into the slot's rows -> (vectors written, source state after
-    the last one, stream ended, seconds spent writing)."""
-    rows = shared.table[slot].clone()                                     # [S] pool rows lent
+    """Up to n_contexts whole contexts into the block's rows, one contiguous run -> (vectors written,
+    source state after the last one, stream ended, seconds spent writing)."""
+    start = block * shared.S
     count, state, ended, write_s, ids = 0, None, False, 0.0, []
     for _ in range(n_contexts):
         item = next(contexts, None)
@@ -258,17 +264,17 @@ def fill_slot(contexts: Iterator[Context], shared: SharedPool, slot: int,
             break
         acts, ctx_ids, state = item                                       # [k, d_in], [k]
         t0 = time.perf_counter()
-        shared.acts.index_copy_(0, rows[count:count + len(ctx_ids)], acts.to(shared.acts.dtype))
+        shared.acts[start + count:start + count + len(ctx_ids)].copy_(acts)  # casts to the storage dtype
         write_s += time.perf_counter() - t0
         ids.append(ctx_ids)
         count += len(ctx_ids)
     if count:
-        shared.ids.index_copy_(0, rows[:count], torch.cat(ids))
+        shared.ids[start:start + count].copy_(torch.cat(ids))
     return count, state, ended, write_s
 
 
 def wait_free(free_r, h: torch.Tensor, parent_pid: int, poll_s: float) -> int | None:
-    """The next lent slot (None = stop); blocks while none is lent."""
+    """The block of the next lent slot (None = stop); blocks while none is lent."""
     t0 = time.perf_counter()
     h[WAITING] = 1
     while not free_r.poll(poll_s):

@@ -124,8 +124,10 @@ def log_metrics(trainees: list[Trainee], step: int, cfg: Config, buffer_stats: d
     out, world = {}, dist.world_size()
     tokens_per_vector = (cfg.data.ctx_len / cfg.buffer.tokens_per_context
                          if cfg.buffer.tokens_per_context else 1.0)
-    reduced_buffer = {k: dist.mean_float(float(buffer_stats.get(k, 0.0)))
-                      for k in ("fill", "producer_wait_s", "consumer_wait_s", "shuffle_quality")}
+    keys = ("fill", "producer_wait_s", "consumer_wait_s", "shuffle_quality")
+    sums = dist.all_reduce_sum(torch.tensor([float(buffer_stats.get(k, 0.0)) for k in keys],
+                                            dtype=torch.float64))   # one collective for all four
+    reduced_buffer = dict(zip(keys, (sums / world).tolist()))
     for t in trainees:
         keys = sorted(t.last)
         parts = dist.all_reduce_sum(torch.tensor([t.last[k] for k in keys], dtype=torch.float64))
