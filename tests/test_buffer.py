@@ -129,8 +129,10 @@ def test_backpressure_both_ways_and_fill_rule():
     assert not proc.is_alive() and my_segments() == []
 
 
-def test_resume_continues_bit_identically():
-    cfg, n_ctx, B, cut = make_cfg(dtype="bf16", tokens_per_context=5, pool_size=96), 150, 24, 7
+@pytest.mark.parametrize("spare", [1.0, 0.0])  # 0: rows move, and the resumed layout differs
+def test_resume_continues_bit_identically(spare):
+    cfg = make_cfg(dtype="bf16", tokens_per_context=5, pool_size=96, spare_fraction=spare)
+    n_ctx, B, cut = 150, 24, 7
     with ActivationBuffer(cfg, rank=0, world_size=1, source=source(cfg, n_ctx), loop=False) as buf:
         full, state = [], None
         for batch in buf.batches(B):
@@ -143,6 +145,8 @@ def test_resume_continues_bit_identically():
     with ActivationBuffer(cfg, rank=0, world_size=1, source=source(cfg, n_ctx), loop=False,
                           state=state) as buf:
         rest = drain(buf, B)
+        moved = buf.stats()["vectors_moved"]
+    assert moved > 0 or spare > 0
     assert len(rest) == len(full) - cut
     for (x, i), (x2, i2) in zip(full[cut:], rest):
         assert torch.equal(i, i2) and torch.equal(x, x2)
