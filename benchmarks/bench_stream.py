@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from monosem.buffer import ActivationBuffer
-from monosem.config import Config, load_config
+from monosem.config import Config
+from monosem.configfile import load_config
 from monosem.files import write_json_atomic
 from monosem.lm import LM, save_lm
 from monosem.producer import DTYPES, LMSource, SyntheticSource

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_stream import make_run  # noqa: E402
 
-from monosem.config import load_config  # noqa: E402
+from monosem.configfile import load_config  # noqa: E402
 from monosem.files import write_json_atomic  # noqa: E402
 from monosem.sae import SAE  # noqa: E402
 from monosem.train_sae import train  # noqa: E402

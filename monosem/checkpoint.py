@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from monosem.config import Config, to_toml
+from monosem.config import Config
+from monosem.configfile import to_toml
 from monosem.errors import MonosemError
 from monosem.files import write_text_atomic
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from monosem.config import Config, ConfigError, help_text, load_config, to_toml
+from monosem.config import Config, ConfigError
+from monosem.configfile import help_text, load_config, to_toml
 from monosem.errors import MonosemError
 
 USAGE = """usage: monosem VERB [CONFIG.toml] [--section.key=value ...] [--resume]

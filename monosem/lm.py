@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from monosem.config import Config, ConfigError, LMConfig, to_dict
+from monosem.config import Config, ConfigError, LMConfig
+from monosem.configfile import to_dict
 from monosem.errors import MonosemError
 from monosem.files import write_bytes_atomic, write_json_atomic
 

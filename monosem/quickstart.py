@@ -14,7 +14,8 @@ from __future__ import annotations
 import time
 
 from monosem.checkpoint import latest_checkpoint, load_state
-from monosem.config import Config, save_config
+from monosem.config import Config
+from monosem.configfile import save_config
 
 
 def _stage(title: str) -> float:

@@ -24,7 +24,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from monosem.config import Config, save_config
+from monosem.config import Config
+from monosem.configfile import save_config
 from monosem.errors import MonosemError
 from monosem.files import open_atomic, write_json_atomic
 

@@ -14,7 +14,8 @@ import torch
 
 from monosem import dist, metrics, resample, sae as sae_lib
 from monosem.checkpoint import commit, staging_dir, write_parts
-from monosem.config import Config, SAEConfig, to_toml
+from monosem.config import Config, SAEConfig
+from monosem.configfile import to_toml
 from monosem.lm import lm_identity
 from monosem.metrics import MetricsWriter
 

@@ -10,7 +10,7 @@ import torch
 
 from monosem import dist
 from monosem.buffer import ActivationBuffer
-from monosem.config import load_config
+from monosem.configfile import load_config
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from monosem import dist, resample, trainee
-from monosem.config import load_config
+from monosem.configfile import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 RESERVOIR_BATCHES = {0: (3, 64), 1: (3, 32)}  # rank -> (batches, rows): rank 0 overflows (Algorithm R),

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from monosem import dist
-from monosem.config import load_config
+from monosem.configfile import load_config
 from monosem.shards import read_manifest, shard_paths
 from monosem.stream import load_shard
 from monosem.train_sae import train

@@ -5,8 +5,8 @@ import tomllib
 
 import pytest
 
-from monosem.config import (Config, ConfigError, field_docs, from_dict, load_config, save_config,
-                            to_toml)
+from monosem.config import Config, ConfigError
+from monosem.configfile import field_docs, from_dict, load_config, save_config, to_toml
 
 RECIPES = ["configs/tiny.toml", "configs/quickstart.toml", "configs/paper.toml"]
 
@@ -89,7 +89,7 @@ def test_cli_help_and_errors():
 def test_readme_documents_every_field():
     from pathlib import Path
 
-    from monosem.config import markdown_reference
+    from monosem.configfile import markdown_reference
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert markdown_reference() in readme, "README config reference is stale: regenerate it"

@@ -16,7 +16,8 @@ import torch
 from monosem import dist, resample
 from monosem import sae as sae_lib
 from monosem.checkpoint import latest_checkpoint, load_checkpoint
-from monosem.config import Config, SAEConfig, load_config
+from monosem.config import Config, SAEConfig
+from monosem.configfile import load_config
 from monosem.errors import MonosemError
 from monosem.metrics import read_scalars
 

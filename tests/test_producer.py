@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from monosem.buffer import ActivationBuffer
-from monosem.config import Config, load_config, save_config
+from monosem.config import Config
+from monosem.configfile import load_config, save_config
 from monosem.errors import MonosemError
 from monosem.files import write_json_atomic
 from monosem.lm import LM, load_lm, save_lm
@@ -149,7 +150,7 @@ def test_sigkilled_producer_is_an_error_not_a_hang(run):
 CONSUMER = """
 import sys, time
 from monosem.buffer import ActivationBuffer
-from monosem.config import load_config
+from monosem.configfile import load_config
 cfg = load_config(sys.argv[1])
 buf = ActivationBuffer(cfg, rank=0, world_size=1, lm_path=cfg.lm_dir, data_dir=cfg.data_dir)
 buf.next_batch(50)

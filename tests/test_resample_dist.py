@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from monosem import dist, resample, trainee
-from monosem.config import load_config
+from monosem.configfile import load_config
 from monosem.sae import SAE
 
 REPO = Path(__file__).resolve().parents[1]

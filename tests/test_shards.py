@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monosem.config import load_config
+from monosem.configfile import load_config
 from monosem.corpus import local_documents, stdlib_documents, stdlib_files
 from monosem.errors import MonosemError
 from monosem.shards import (prepare, read_manifest, shard_paths, val_mask, verify_shards,

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from monosem.checkpoint import load_checkpoint
-from monosem.config import load_config, to_toml
+from monosem.configfile import load_config, to_toml
 from monosem.errors import MonosemError
 from monosem.files import write_text_atomic
 from monosem.lm import lm_identity, load_lm

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from monosem.checkpoint import latest_checkpoint, load_checkpoint
-from monosem.config import load_config
+from monosem.configfile import load_config
 from monosem.errors import MonosemError
 from monosem.metrics import read_histograms, read_images, read_scalars
 from monosem.train_sae import train

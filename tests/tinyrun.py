@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from monosem.config import Config, load_config
+from monosem.config import Config
+from monosem.configfile import load_config
 from monosem.lm import LM, save_lm
 from monosem.shards import prepare
 
