@@ -71,7 +71,8 @@ def bench_producer(cfg: Config, seconds: float) -> dict:
     return rate
 
 
-def bench_buffer(cfg: Config, source, batch: int, seconds: float, sae_step=None, fetches: int = 8) -> dict:
+def bench_buffer(cfg: Config, source, batch: int, seconds: float, sae_step=None,
+                 fetches: int = 8) -> dict:
     """Delivered vectors/s back to back; with sae_step, also the time of one next_batch taken right after
     an SAE step, as in training (the producer refills the ring during the step; caches are cold)."""
     with ActivationBuffer(cfg, rank=0, world_size=1, lm_path=cfg.lm_dir, data_dir=cfg.data_dir,
@@ -87,7 +88,8 @@ def bench_buffer(cfg: Config, source, batch: int, seconds: float, sae_step=None,
             fetch.append(time.perf_counter() - t)
         stats = buf.stats()
         moved = (buf.pool.moved - moved0) / max(1, buf.counters["vectors_delivered"] - delivered0)
-    out = {"rows": buf.R, "vectors_per_s": rate, "write_s_per_vector": stats["producer_write_s"] / stats["vectors_produced"],
+    out = {"rows": buf.R, "vectors_per_s": rate,
+           "write_s_per_vector": stats["producer_write_s"] / stats["vectors_produced"],
            "consumer_wait_s": stats["consumer_wait_s"], "producer_wait_s": stats["producer_wait_s"],
            "shuffle_quality": stats.get("shuffle_quality"), "moved_per_vector": moved}
     if fetch:
@@ -96,11 +98,11 @@ def bench_buffer(cfg: Config, source, batch: int, seconds: float, sae_step=None,
     return out
 
 
-def bench_copy(cfg: Config, batch: int, repeats: int = 50) -> dict:
-    """Vectors/s of a plain torch copy_ of batch-sized blocks out of a pool-sized tensor (the bytes
-    the buffer moves per vector; successive blocks, so the source is not cache-resident)."""
-    b = cfg.buffer
-    src = torch.ones(b.pool_size + b.n_slots * b.slot_vectors, cfg.sae.d_in, dtype=DTYPES[b.dtype])
+def bench_copy(cfg: Config, batch: int, rows: int, repeats: int = 50) -> dict:
+    """Vectors/s of a plain torch copy_ of batch-sized blocks out of a tensor the size of the buffer's
+    segment (the bytes the buffer moves per vector; successive blocks, so the source is not
+    cache-resident)."""
+    src = torch.ones(rows, cfg.sae.d_in, dtype=DTYPES[cfg.buffer.dtype])
     blocks, times = src.split(batch)[:-1], []
     dst = torch.empty_like(blocks[0])
     for i in range(repeats):
@@ -168,7 +170,7 @@ def run(cfg: Config, seconds: float, batch: int) -> dict:
                                     dtype=cfg.buffer.dtype)
         ring_pool = bench_buffer(cfg, synthetic, batch, seconds)
         end_to_end = bench_buffer(cfg, None, batch, seconds, sae_step)
-    copy = bench_copy(cfg, batch)
+    copy = bench_copy(cfg, batch, end_to_end["rows"])
     step_s = time_calls(sae_step)
     floor = bench_floor(cfg, batch, end_to_end["rows"], sae_step)
     out = {"producer_vectors_per_s": producer, "ring_pool_vectors_per_s": ring_pool["vectors_per_s"],

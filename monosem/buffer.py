@@ -5,8 +5,8 @@
         state = buf.state_dict()           # later: ActivationBuffer(..., state=state) continues exactly
 
 One shared-memory segment (/dev/shm/monosem_<pid>_<hex>) holds R ~ (1 + spare_fraction) x pool_size +
-n_slots x slot_vectors vector rows in blocks of slot_vectors rows. A ring slot is one free block that the consumer
-lends to the producer (monosem.producer, spawned here); the producer writes whole contexts into it, one
+n_slots x slot_vectors vector rows in blocks of slot_vectors rows. A ring slot is one free block that the
+consumer lends to the producer (monosem.producer, spawned here); the producer writes whole contexts into it, one
 contiguous run, and announces it over a pipe with its stream state after the slot's last context; the
 consumer adds the rows to its pool (monosem.pool: row indices only, no vector is copied except into the
 batch it returns, and the few moved to free a block). Backpressure: with n_slots blocks lent and none
