@@ -4,6 +4,9 @@ quickstart shape (d_model 128, d_mlp 512, ctx 128) in a temp dir; nothing else i
 
     python benchmarks/bench_stream.py --out benchmarks/results/bench_stream.json [--seconds 5]
     python benchmarks/bench_stream.py --config configs/quickstart.toml --set buffer.dtype=bf16
+    python benchmarks/bench_stream.py --seconds 0.5 --batch 64 --n-features 128 --set sae.d_in=32 \
+        lm.d_mlp=32 lm.d_model=16 lm.n_head=2 data.ctx_len=16 buffer.slot_vectors=64 buffer.pool_size=512
+                                        # tiny shapes: a smoke run (tests/test_benchmarks.py)
 
 Targets: buffer cost per vector <= 10% of the producer's; one batch fetch <= 5% of one SAE step.
 """
@@ -25,7 +28,8 @@ from monosem.config import Config
 from monosem.configfile import load_config
 from monosem.files import write_json_atomic
 from monosem.lm import LM, save_lm
-from monosem.producer import DTYPES, LMSource, SyntheticSource
+from monosem.producer import LMSource, SyntheticSource
+from monosem.segment import DTYPES
 from monosem.shards import write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,8 +165,8 @@ def time_calls(f, n: int = 5) -> dict:
     return {"best": min(times), "median": statistics.median(times)}
 
 
-def run(cfg: Config, seconds: float, batch: int) -> dict:
-    sae_step = make_sae_step(cfg.sae.d_in, 4096, batch)
+def run(cfg: Config, seconds: float, batch: int, n_features: int = 4096) -> dict:
+    sae_step = make_sae_step(cfg.sae.d_in, n_features, batch)
     with tempfile.TemporaryDirectory(prefix="monosem-bench-") as tmp:
         make_run(cfg, Path(tmp))
         producer = bench_producer(cfg, seconds)
@@ -199,7 +203,8 @@ def table(r: dict) -> str:
             ("ring + pool, synthetic producer", both("ring_pool_vectors_per_s", rate)),
             ("end to end (real producer)", both("end_to_end_vectors_per_s", rate)),
             ("plain copy_ of the same bytes (ceiling)", both("copy_vectors_per_s", rate)),
-            ("SAE step d=512 F=4096 B=4096", both("sae_step_s", ms)),
+            (f"SAE step d={r['setup']['d_in']} F={r['setup']['n_features']} B={r['setup']['batch']}",
+             both("sae_step_s", ms)),
             ("batch fetch right after an SAE step", both("fetch_after_step_s", ms)),
             ("producer pool writes per vector", f"{r['write_s_per_vector'] * 1e9:,.0f} ns"),
             ("vectors moved to free a block, per vector", f"{r['moved_per_vector']:.3f}"),
@@ -220,15 +225,16 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. buffer.dtype=bf16")
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per throughput measurement")
     p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--n-features", type=int, default=4096, help="SAE width of the step measured")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads of the trainer side (0 = cores - buffer.producer_threads)")
     args = p.parse_args()
     cfg = load_config(args.config, ["--sae.d_in=512", "--lm.d_mlp=512", "--data.ctx_len=128",
-                                    *[f"--{s}" for s in args.set]])
+                                    f"--train_sae.batch_size={args.batch}", *[f"--{s}" for s in args.set]])
     # the producer process has its own cores: a trainer using all of them would stall on contention
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - cfg.buffer.producer_threads))
-    result = run(cfg, args.seconds, args.batch)
-    result["setup"] = {"buffer": vars(cfg.buffer), "lm": vars(cfg.lm), "batch": args.batch,
+    result = run(cfg, args.seconds, args.batch, args.n_features)
+    result["setup"] = {"d_in": cfg.sae.d_in, "n_features": args.n_features, "buffer": vars(cfg.buffer), "lm": vars(cfg.lm), "batch": args.batch,
                        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                        "cpu": platform.processor() or platform.machine(),
                        "device": "cuda" if torch.cuda.is_available() else "cpu"}

@@ -9,8 +9,16 @@
 A folder is written under a temp name and renamed when complete, then `latest` is rewritten
 atomically, then old folders are pruned: a crash at any moment leaves the last good checkpoint loadable.
 
-    path = save_checkpoint("runs/x/sae", 100, tensors=sae.state_dict(), state={"step": 100})
-    ckpt = load_checkpoint(latest_checkpoint("runs/x/sae"))
+    root/step-000100/rank<r>.pt          each rank's own state (stream, RNG, pool, reservoir, counters)
+    root/step-000100/<sub>/...           per-model parts (an SAE of a sweep: model.safetensors, optimizer.pt)
+
+One protocol for both trainers: `save` is collective (every rank writes the state_dicts of its stateful
+parts, rank 0 the weights), `load_checkpoint` + `Checkpoint.tensors / load_object / rank_state` read it
+back, and every loader error names the file and says which earlier checkpoint is still intact.
+
+    save(root, 100, rank_state={"stream": stream.state_dict()}, write_main=lambda tmp: ..., state={...})
+    ckpt = load_checkpoint(latest_checkpoint(root)); stream.load_state_dict(ckpt.rank_state(rank)["stream"])
+    path = save_checkpoint("runs/x/sae", 100, tensors=sae.state_dict())      # single writer
 """
 from __future__ import annotations
 
@@ -18,10 +26,13 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from monosem.config import Config
@@ -120,25 +131,94 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def save(root: str | Path, step: int, *, rank_state: dict, write_main: Callable[[Path], None],
+         state: dict, config: Config | None = None, keep_last: int = 2) -> Path:
+    """Checkpoint `step` (call on every rank): each rank writes rank<r>.pt with its own state, rank 0
+    calls write_main(staging folder) for the weights and optimizer state, writes state.json and the
+    config, and commits. Multi-node runs need `root` on a shared filesystem."""
+    from monosem import dist
+
+    tmp = staging_dir(root, step)
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that died half-way
+    dist.barrier()
+    write_parts(tmp, objects={f"rank{dist.rank()}": rank_state})
+    if dist.is_main():
+        write_main(tmp)
+        write_parts(tmp, state={"step": step, "world_size": dist.world_size(), **state}, config=config)
+    dist.barrier()
+    if dist.is_main():
+        commit(root, step, keep_last)
+    dist.barrier()
+    return Path(root) / step_dir_name(step)
+
+
+def _reason(e: Exception) -> str:
+    """The cause in one line, without torch's advice to unpickle code (never follow it for checkpoints)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "weights_only" in str(e) or "Unpickl" in type(e).__name__:
+        return "not a plain-data torch file (damaged, or it holds code objects, which are never unpickled)"
+    return text[:300]
+
+
+def _intact(path: Path) -> bool:
+    """A cheap check of a step folder: state.json parses, safetensors headers parse, .pt archives pass
+    their CRC check."""
+    try:
+        json.loads((path / "state.json").read_text())
+        for f in path.rglob("*.safetensors"):
+            with safe_open(str(f), "pt"):
+                pass
+        return all(zipfile.is_zipfile(f) and zipfile.ZipFile(f).testzip() is None for f in path.rglob("*.pt"))
+    except Exception:  # noqa: BLE001 - any failure means "not intact"
+        return False
+
+
+def damaged(path: Path, file: Path, e: Exception) -> MonosemError:
+    """The error for an unreadable checkpoint file: names it and the newest earlier intact checkpoint."""
+    earlier = [p for p in list_checkpoints(path.parent) if p.name < path.name]
+    good = next((p for p in reversed(earlier) if _intact(p)), None)
+    hint = (f"the earlier checkpoint {good} is intact: to resume from it, run `echo {good.name} > "
+            f"{path.parent / 'latest'}` and resume again" if good is not None else
+            "no earlier checkpoint is intact: start the run again in a new folder")
+    return MonosemError(f"checkpoint {path.name} is damaged: cannot read {file}: {_reason(e)}. {hint}")
+
+
 @dataclass
 class Checkpoint:
     path: Path
     step: int
-    tensors: dict[str, torch.Tensor]
     state: dict = field(default_factory=dict)
 
-    def load_object(self, name: str) -> object:
-        """Load `<name>.pt` without unpickling code (weights_only=True)."""
-        f = self.path / f"{name}.pt"
+    def tensors(self, sub: str = "") -> dict[str, torch.Tensor]:
+        """`<sub>/model.safetensors` ({} if there is none)."""
+        f = self.path / sub / "model.safetensors"
         if not f.is_file():
-            raise MonosemError(f"checkpoint {self.path} has no {f.name}")
+            return {}
+        try:
+            return load_file(str(f))
+        except Exception as e:
+            raise damaged(self.path, f, e) from None
+
+    def load_object(self, name: str, sub: str = "") -> object:
+        """Load `<sub>/<name>.pt` without unpickling code (weights_only=True)."""
+        f = self.path / sub / f"{name}.pt"
+        if not f.is_file():
+            raise damaged(self.path, f, FileNotFoundError("missing"))
         try:
             return torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:  # corrupt file, or a pickle that is not plain data
-            raise MonosemError(f"cannot load {f}: {e}") from e
+        except Exception as e:  # damaged file, or a pickle that is not plain data
+            raise damaged(self.path, f, e) from None
 
-    def has_object(self, name: str) -> bool:
-        return (self.path / f"{name}.pt").is_file()
+    def has_object(self, name: str, sub: str = "") -> bool:
+        return (self.path / sub / f"{name}.pt").is_file()
+
+    def rank_state(self, rank: int) -> dict:
+        """What rank `rank` saved of its own parts (stream position, RNG, pool...)."""
+        state = self.load_object(f"rank{rank}")
+        if not isinstance(state, dict):
+            raise damaged(self.path, self.path / f"rank{rank}.pt", ValueError("not a dict"))
+        return state
 
 
 def load_state(path: str | Path) -> dict:
@@ -146,11 +226,11 @@ def load_state(path: str | Path) -> dict:
     try:
         return json.loads((Path(path) / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise MonosemError(f"checkpoint {path}: unreadable state.json: {e}") from e
+        raise damaged(Path(path), Path(path) / "state.json", e) from None
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load a step folder (or a root: its latest). Errors name the folder and the file."""
+    """A step folder (or a root: its latest), its state read; parts load on demand."""
     path = Path(path)
     if not (path / "state.json").is_file():
         latest = latest_checkpoint(path)
@@ -159,9 +239,42 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                                "state.json)")
         path = latest
     state = load_state(path)
-    weights = path / "model.safetensors"
+    return Checkpoint(path=path, step=int(state.get("step", 0)), state=state)
+
+
+def load_sae(path: str | Path, name: str | None = None, device: str | torch.device = "cpu"):
+    """A trained SAE and its cfg.json: `path` is an SAE folder holding model.safetensors + cfg.json,
+    a step folder (then `name`, default the only / first SAE in it), or a train-sae root (its latest).
+
+        sae, meta = load_sae("runs/quickstart/sae")            # -> (SAE in eval mode, dict)"""
+    from monosem.config import SAEConfig
+    from monosem.sae import SAE
+
+    folder = Path(path)
+    if not (folder / "cfg.json").is_file():
+        step = folder if (folder / "state.json").is_file() else latest_checkpoint(folder)
+        if step is None:
+            raise MonosemError(f"no trained SAE in {folder} (expected step-N/<sae name>/cfg.json)")
+        names = load_state(step).get("saes") or sorted(p.name for p in step.iterdir()
+                                                        if (p / "cfg.json").is_file())
+        if not names:
+            raise MonosemError(f"checkpoint {step} holds no SAE folder")
+        if name is not None and name not in names:
+            raise MonosemError(f"checkpoint {step} has no SAE named {name!r}; it holds {names}")
+        folder = step / (name or names[0])
     try:
-        tensors = load_file(str(weights)) if weights.is_file() else {}
+        meta = json.loads((folder / "cfg.json").read_text())
+        cfg = SAEConfig(**{k: meta[k] for k in ("d_in", "n_features", "recipe", "l1_coeff", "k",
+                                                 "aux_k", "aux_coeff", "resample_loss") if k in meta})
+    except (OSError, ValueError, TypeError) as e:
+        raise MonosemError(f"{folder / 'cfg.json'}: unreadable SAE config: {e}") from e
+    try:
+        tensors = load_file(str(folder / "model.safetensors"))
     except Exception as e:
-        raise MonosemError(f"checkpoint {path}: unreadable {weights.name}: {e}") from e
-    return Checkpoint(path=path, step=int(state.get("step", 0)), tensors=tensors, state=state)
+        raise MonosemError(f"{folder / 'model.safetensors'}: unreadable weights: {e}") from e
+    sae = SAE(cfg)
+    try:
+        sae.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise MonosemError(f"{folder / 'model.safetensors'} does not match {folder / 'cfg.json'}: {e}") from e
+    return sae.to(device).eval(), meta

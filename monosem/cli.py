@@ -23,6 +23,8 @@ verbs:
   train-lm    train the frozen 1-layer LM on the shards
   train-sae   train sparse autoencoder(s) on streamed MLP activations
   quickstart  prepare + train-lm + train-sae on the embedded corpus (configs/quickstart.toml)
+  analyze     read the SAE's features on held-out text -> static HTML feature browser
+  export      write the SAE in the SAELens layout (cfg.json + sae_weights.safetensors)
   config      print the resolved config as TOML
 
 `monosem VERB --help` lists every config field with its documentation."""
@@ -33,11 +35,13 @@ VERB_SECTIONS = {
     "train-sae": ["run", "data", "stream", "buffer", "sae", "sweep", "train_sae", "dist"],
     "quickstart": None,
     "config": None,
+    "analyze": ["run", "data", "stream", "train_sae", "analyze"],
+    "export": ["run", "train_sae", "export"],
 }
 
 
 def _prepare(cfg: Config, resume: bool) -> None:
-    from monosem.shards import prepare
+    from monosem.prepare import prepare
 
     prepare(cfg)
 
@@ -60,13 +64,25 @@ def _quickstart(cfg: Config, resume: bool) -> None:
     quickstart(cfg, resume=resume)
 
 
+def _analyze(cfg: Config, resume: bool) -> None:
+    from monosem.analyze import analyze
+
+    analyze(cfg)
+
+
+def _export(cfg: Config, resume: bool) -> None:
+    from monosem.export import export
+
+    export(cfg)
+
+
 def _config(cfg: Config, resume: bool) -> None:
     print(to_toml(cfg))
 
 
 VERBS: dict[str, Callable[[Config, bool], None]] = {
     "prepare": _prepare, "train-lm": _train_lm, "train-sae": _train_sae,
-    "quickstart": _quickstart, "config": _config,
+    "quickstart": _quickstart, "config": _config, "analyze": _analyze, "export": _export,
 }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
+from typing import Literal
 
 from monosem.errors import MonosemError
 
@@ -70,7 +70,7 @@ class StreamConfig:
     """Shuffle the shard order each epoch (seeded by run.seed and the epoch)."""
     shuffle_contexts: bool = True
     """Shuffle the contexts inside each shard each epoch (exactly resumable: a seeded permutation)."""
-    on_corrupt: str = "error"
+    on_corrupt: Literal["error", "skip"] = "error"
     """What a truncated or corrupt shard does: `error` stops with the shard's name, `skip` warns and
     counts it."""
 
@@ -85,7 +85,7 @@ class LMConfig:
     """Attention heads (the paper: 4)."""
     d_mlp: int = 512
     """MLP hidden width, the SAE's input size (the paper: 512)."""
-    activation: str = "relu"
+    activation: Literal["relu", "gelu"] = "relu"
     """MLP non-linearity: `relu` (the paper) or `gelu`."""
     vocab_size: int = 50304
     """Embedding rows: GPT-2's 50,257 ids padded to a multiple of 64."""
@@ -131,7 +131,7 @@ class BufferConfig:
     """Contexts per LM forward pass in the producer."""
     tokens_per_context: int = 0
     """Keep this many random positions per context (the paper: 250; 0 = all)."""
-    dtype: str = "fp32"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Activation dtype through the ring: `fp32`, `bf16` or `fp16`."""
     slot_vectors: int = 2048
     """Vectors per ring slot."""
@@ -145,7 +145,7 @@ class BufferConfig:
     """Vectors in the consumer's shuffle pool; batches are drawn without replacement from it."""
     producer_threads: int = 1
     """torch threads in the producer process."""
-    producer_device: str = "auto"
+    producer_device: Literal["auto", "cpu"] = "auto"
     """Device of the producer's LM: `auto` (cuda:<local_rank> if there is a GPU, else cpu), `cpu`."""
     timeout_s: float = 10.0
     """Seconds without progress after which a dead producer/consumer is declared."""
@@ -153,7 +153,7 @@ class BufferConfig:
 
 @dataclass
 class SAEConfig:
-    recipe: str = "anthropic-2023"
+    recipe: Literal["anthropic-2023", "anthropic-2024-04", "topk"] = "anthropic-2023"
     """Training recipe: `anthropic-2023`, `anthropic-2024-04` or `topk`."""
     d_in: int = 512
     """Input width; must equal the LM's d_mlp."""
@@ -167,7 +167,7 @@ class SAEConfig:
     """Dead latents used in the AuxK loss for `topk`."""
     aux_coeff: float = 1 / 32
     """Weight of the AuxK loss for `topk`."""
-    resample_loss: str = "total"
+    resample_loss: Literal["total", "mse"] = "total"
     """Per-input loss that weights the draw of resampling inputs: `total` (MSE + λ·L1, the paper's
     "loss of the autoencoder on that input") or `mse` (reconstruction only, as many reproductions do)."""
 
@@ -201,6 +201,11 @@ class TrainSAEConfig:
     """Clip the gradient norm to this (0 = off)."""
     bf16: bool = False
     """Run the SAE forward/backward under bf16 autocast."""
+    sparse: str = "auto"
+    """SAE step path: `auto` (sparse when the batch's density, active entries / (batch x n_features),
+    is at most sparse_threshold), `on` (always sparse), `off` (always dense). Same maths either way."""
+    sparse_threshold: float = 0.05
+    """Density at or below which `sparse=auto` takes the sparse step (it wins up to ~10% in fp32)."""
     dead_window: int = 12500
     """A feature that fired in none of the last dead_window steps is dead."""
     resample_steps: list[int] = field(default_factory=lambda: [25000, 50000, 75000, 100000])
@@ -227,8 +232,46 @@ class TrainSAEConfig:
 class DistConfig:
     timeout_s: int = 120
     """Collective timeout: a rank that stops answering fails the others after this long."""
-    deepspeed_stage: int = 0
+    deepspeed_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage for the SAE (0 = plain DDP; needs the `deepspeed` extra)."""
+
+
+@dataclass
+class AnalyzeConfig:
+    sae: str = ""
+    """SAE to analyze inside the latest checkpoint of `train_sae.out` (empty = its only / first SAE)."""
+    tokens: int = 1000000
+    """Held-out (val split) tokens streamed through the LM and the SAE (0 = the whole split)."""
+    batch_contexts: int = 16
+    """Contexts per LM + SAE forward (memory: batch_contexts x ctx_len x n_features floats)."""
+    top_k: int = 10
+    """Top-activating contexts kept (and ablated) per feature."""
+    n_intervals: int = 11
+    """Activation intervals per feature (equal widths of its max activation), as the paper's pages."""
+    interval_samples: int = 4
+    """Contexts sampled uniformly from each interval."""
+    window_before: int = 12
+    """Tokens shown before the activating token."""
+    window_after: int = 4
+    """Tokens shown after the activating token."""
+    single_token_frac: float = 0.9
+    """A feature is single-token when at least this fraction of its fires are on one token id."""
+    ultralow_density: float = 1e-5
+    """Alive features firing on fewer than this fraction of tokens are listed as ultralow."""
+    ablate: bool = True
+    """Measure the next-token loss change when each feature is removed at its top contexts."""
+    out: str = ""
+    """Report folder; empty means `<root>/<name>/report`."""
+
+
+@dataclass
+class ExportConfig:
+    sae: str = ""
+    """SAE to export from the latest checkpoint of `train_sae.out` (empty = its only / first SAE)."""
+    format: Literal["saelens"] = "saelens"
+    """Layout written: `saelens` (cfg.json + sae_weights.safetensors, SAELens' names and orientation)."""
+    out: str = ""
+    """Export folder; empty means `<root>/<name>/export/<sae name>`."""
 
 
 @dataclass
@@ -243,6 +286,8 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     train_sae: TrainSAEConfig = field(default_factory=TrainSAEConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     # ---- derived paths -------------------------------------------------------------------
     @property
@@ -262,14 +307,7 @@ class Config:
         return self.run_dir / self.train_sae.out
 
 
-CHOICES = {
-    "lm.activation": ("relu", "gelu"),
-    "stream.on_corrupt": ("error", "skip"),
-    "buffer.dtype": ("fp32", "bf16", "fp16"),
-    "sae.recipe": ("anthropic-2023", "anthropic-2024-04", "topk"),
-    "dist.deepspeed_stage": (0, 1, 2, 3),
-    "sae.resample_loss": ("total", "mse"),
-}
+# choice fields are typed Literal[...]: monosem.configfile.choices() reads the allowed values from there
 POSITIVE = {"data.ctx_len", "data.contexts_per_shard", "data.shuffle_window", "data.num_threads", "lm.n_layer", "lm.d_model",
             "lm.n_head", "lm.d_mlp", "lm.vocab_size", "train_lm.steps", "train_lm.batch_size",
             "train_lm.lr", "train_lm.eval_batches", "train_lm.log_every", "train_lm.ckpt_every",
@@ -277,10 +315,13 @@ POSITIVE = {"data.ctx_len", "data.contexts_per_shard", "data.shuffle_window", "d
             "buffer.pool_size", "buffer.producer_threads", "buffer.timeout_s", "sae.d_in",
             "sae.n_features", "sae.k", "train_sae.steps", "train_sae.batch_size", "train_sae.lr",
             "train_sae.dead_window", "train_sae.resample_pool", "train_sae.log_every",
-            "train_sae.ckpt_every", "train_sae.keep_last", "train_sae.eval_contexts", "dist.timeout_s"}
+            "train_sae.ckpt_every", "train_sae.keep_last", "train_sae.eval_contexts", "dist.timeout_s",
+            "analyze.batch_contexts", "analyze.top_k", "analyze.n_intervals",
+            "analyze.interval_samples", "analyze.single_token_frac"}
 NON_NEGATIVE = {"data.max_tokens", "stream.num_workers", "lm.dropout",
                 "train_lm.warmup_steps", "train_lm.weight_decay", "train_lm.grad_clip",
                 "train_lm.min_lr", "buffer.tokens_per_context", "buffer.spare_fraction", "sae.l1_coeff", "sae.aux_k",
                 "sae.aux_coeff", "train_sae.warmup_steps", "train_sae.l1_warmup_steps",
-                "train_sae.grad_clip", "train_sae.eval_every", "train_sae.resample_power"}
+                "train_sae.grad_clip", "train_sae.eval_every", "train_sae.resample_power",
+                "analyze.tokens", "analyze.window_before", "analyze.window_after", "analyze.ultralow_density"}
 

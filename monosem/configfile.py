@@ -15,11 +15,14 @@ import typing
 from pathlib import Path
 
 from monosem import config as schema
-from monosem.config import CHOICES, NON_NEGATIVE, POSITIVE, Config, ConfigError
+from monosem.config import NON_NEGATIVE, POSITIVE, Config, ConfigError
+
 
 def _coerce(key: str, value: object, typ: object) -> object:
     """Check/convert one value to its field type; raise ConfigError naming the key."""
     origin = typing.get_origin(typ)
+    if origin is typing.Literal:  # parsed as its values' type; validate() checks the value
+        return _coerce(key, value, type(typing.get_args(typ)[0]))
     if origin is list:
         (inner,) = typing.get_args(typ)
         if isinstance(value, str):
@@ -88,8 +91,19 @@ def _set(cfg: Config, key: str, value: object) -> None:
     setattr(sec, name, _coerce(key, value, types[name]))
 
 
+def choices() -> dict[str, tuple]:
+    """{"section.key": allowed values} of every field typed Literal[...] in monosem.config."""
+    out = {}
+    for section, cls in _section_types(Config).items():
+        for name, typ in _section_types(cls).items():
+            if typing.get_origin(typ) is typing.Literal:
+                out[f"{section}.{name}"] = typing.get_args(typ)
+    return out
+
+
 def validate(cfg: Config) -> Config:
-    """Check value ranges and cross-field rules; raise ConfigError naming the key and value."""
+    """Check value ranges, choices and every cross-field rule; raise ConfigError naming the key(s) and
+    value(s). The trainers, the buffer and the CLI all go through here."""
     for key in POSITIVE | NON_NEGATIVE:
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
@@ -97,11 +111,17 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key} must be > 0, got {v!r}")
         if key in NON_NEGATIVE and v < 0:
             raise ConfigError(f"{key} must be >= 0, got {v!r}")
-    for key, allowed in CHOICES.items():
+    for key, allowed in choices().items():
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
-        if allowed is not None and v not in allowed:
+        if v not in allowed or type(v) is not type(allowed[0]):  # True == 1: a bool is not stage 1
             raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {v!r}")
+    _check_model_and_run(cfg)
+    _check_buffer(cfg)
+    return cfg
+
+
+def _check_model_and_run(cfg: Config) -> None:
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction!r}")
     if cfg.lm.d_model % cfg.lm.n_head:
@@ -109,9 +129,6 @@ def validate(cfg: Config) -> Config:
                           f"({cfg.lm.n_head})")
     if cfg.lm.vocab_size < 50257:
         raise ConfigError(f"lm.vocab_size must be >= 50257 (GPT-2 ids), got {cfg.lm.vocab_size}")
-    if cfg.buffer.tokens_per_context > cfg.data.ctx_len:
-        raise ConfigError(f"buffer.tokens_per_context ({cfg.buffer.tokens_per_context}) exceeds "
-                          f"data.ctx_len ({cfg.data.ctx_len})")
     if cfg.sae.recipe == "topk" and cfg.sae.k > cfg.sae.n_features:
         raise ConfigError(f"sae.k ({cfg.sae.k}) exceeds sae.n_features ({cfg.sae.n_features})")
     if not 0.0 < cfg.train_sae.decay_start <= 1.0:
@@ -119,7 +136,25 @@ def validate(cfg: Config) -> Config:
     for key, name in (("run.name", cfg.run.name), ("train_sae.out", cfg.train_sae.out)):
         if name in ("", ".", "..") or "/" in name or name in ("data", "lm"):
             raise ConfigError(f"{key} must be a plain folder name (not data or lm), got {name!r}")
-    return cfg
+
+
+def _check_buffer(cfg: Config) -> None:
+    """The activation buffer's rules: a slot holds whole contexts, the pool holds a batch plus a slot."""
+    b = cfg.buffer
+    if b.tokens_per_context > cfg.data.ctx_len:
+        raise ConfigError(f"buffer.tokens_per_context ({b.tokens_per_context}) exceeds "
+                          f"data.ctx_len ({cfg.data.ctx_len})")
+    per_context = b.tokens_per_context or cfg.data.ctx_len
+    if per_context > b.slot_vectors:
+        raise ConfigError(f"buffer.slot_vectors ({b.slot_vectors}) must hold one context's "
+                          f"{per_context} vectors (buffer.tokens_per_context or data.ctx_len)")
+    if b.pool_size < 2 * b.slot_vectors:
+        raise ConfigError(f"buffer.pool_size ({b.pool_size}) must be >= 2 x buffer.slot_vectors "
+                          f"({b.slot_vectors})")
+    if cfg.train_sae.batch_size > b.pool_size - b.slot_vectors:
+        raise ConfigError(f"train_sae.batch_size ({cfg.train_sae.batch_size}) must be <= "
+                          f"buffer.pool_size - buffer.slot_vectors ({b.pool_size} - {b.slot_vectors}): "
+                          f"the pool tops up while it has room for a slot, then draws a batch")
 
 
 def from_dict(data: dict, source: str = "config") -> Config:
@@ -188,6 +223,14 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def _type_name(annotation: ast.expr) -> str:
+    """`Literal["a", "b"]` reads as `str` (the docstring lists the choices), anything else as written."""
+    if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Literal":
+        values = ast.literal_eval(annotation.slice)
+        return type(values[0] if isinstance(values, tuple) else values).__name__
+    return ast.unparse(annotation)
+
+
 def field_docs() -> dict[str, tuple[str, str, object]]:
     """{"section.key": (type name, docstring, default)} read from monosem/config.py's source."""
     tree = ast.parse(inspect.getsource(schema))
@@ -201,7 +244,7 @@ def field_docs() -> dict[str, tuple[str, str, object]]:
                 if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
                     doc = " ".join(str(nxt.value.value).split())
                 name = node.target.id
-                out[f"{section}.{name}"] = (ast.unparse(node.annotation), doc,
+                out[f"{section}.{name}"] = (_type_name(node.annotation), doc,
                                             defaults[section][name])
     return out
 

@@ -288,3 +288,12 @@ def read_texts(logdir: str | Path) -> dict[str, list[tuple[int, str]]]:
     acc = _accumulator(logdir)
     return {tag: [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)]
             for tag in acc.Tags()["tensors"]}
+
+
+def last_scalars(tb_root: str | Path) -> dict[str, float]:
+    """{"<run>/<tag>": last value} over the TensorBoard runs (sub-folders) of tb_root ({} if none)."""
+    root = Path(tb_root)
+    if not root.is_dir():
+        return {}
+    return {f"{run.name}/{tag}": values[-1][1] for run in sorted(root.iterdir()) if run.is_dir()
+            for tag, values in read_scalars(run).items() if values}

@@ -4,6 +4,7 @@
     pool.add_block(b, count)            # the producer filled rows [b*S, b*S+count) of block b
     rows = pool.draw(4096, rng)         # int64 [4096]: rows of a uniform draw without replacement
     b = pool.free_block(acts, ids)      # a block with no live row, moving a few rows if none is empty
+    pool.release(b)                     # a lent block came back unfilled (the producer is gone)
 
 The segment's rows come in blocks of S = block_rows rows: the producer always writes one whole block
 (one ring slot) contiguously, at the speed of a plain copy. Draws leave holes scattered over the blocks;
@@ -36,6 +37,12 @@ class Pool:
         self.free = list(range(n_blocks))                               # neither lent nor in the pool
         self.moved = 0                                                  # vectors moved to free a block
 
+    @staticmethod
+    def bookkeeping_bytes(pool_size: int, block_rows: int, n_blocks: int) -> int:
+        """Host bytes a Pool of these sizes allocates (live, row_pos, block_live, the free list):
+        checked before allocating, since a huge buffer.pool_size would otherwise fill the RAM first."""
+        return 8 * pool_size + 8 * n_blocks * block_rows + 8 * n_blocks + 40 * n_blocks
+
     def restore(self, count: int) -> None:
         """`count` saved vectors were written to rows 0..count-1, in pool order."""
         self._add(np.arange(count))
@@ -51,6 +58,10 @@ class Pool:
         self.row_pos[rows] = np.arange(n, n + count)
         self.block_live += np.bincount(rows // self.S, minlength=self.n_blocks)
         self.n += count
+
+    def release(self, block: int) -> None:
+        """A lent block returns unfilled: it is the next one lent again."""
+        self.free.insert(0, block)
 
     def draw(self, k: int, rng: np.random.Generator) -> torch.Tensor:
         """Rows of k positions drawn uniformly without replacement: int64 [k]. The drawn positions are

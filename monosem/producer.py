@@ -13,90 +13,37 @@ into the block of pool rows the consumer lent as a ring slot (SharedPool: the se
 from __future__ import annotations
 
 import copy
+import ctypes
 import functools
 import os
-import secrets
 import signal
 import sys
 import time
 import traceback
 from contextlib import suppress
 from dataclasses import dataclass
-from multiprocessing import shared_memory
-from typing import Iterator
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
 
+from monosem import dist
+from monosem.config import Config
 from monosem.errors import MonosemError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SHM_PREFIX = "monosem_"
-# producer-written float64 header: seconds waiting for a lent slot, vectors, slots, waiting flag,
-# seconds filling slots (source + writes), seconds writing vectors into the pool rows
-WAIT_S, VECTORS, SLOTS, WAITING, BUSY_S, WRITE_S = range(6)
-HEADER = 8
-
-
-class SharedPool:
-    """The segment: header float64 [8] | ids int64 [R] | acts [R, d_in] in the storage dtype, R rows in
-    blocks of S (a ring slot lends one block). spec = (S, R, d_in, dtype name)."""
-
-    def __init__(self, spec: tuple, name: str | None = None):
-        S, R, d_in, dtype = self.spec = spec
-        sizes = [HEADER * 8, R * 8, R * d_in * DTYPES[dtype].itemsize]
-        create = name is None
-        if create:        # consumer
-            _check_room(sum(sizes))
-            name = f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
-            self.shm = shared_memory.SharedMemory(name=name, create=True, size=sum(sizes))
-        else:             # producer
-            self.shm = shared_memory.SharedMemory(name=name)
-        self.name, buf, off = name, self.shm.buf, np.cumsum([0] + sizes).tolist()
-        self.header = torch.frombuffer(buf, dtype=torch.float64, count=HEADER)
-        self.ids = torch.frombuffer(buf, dtype=torch.int64, count=R, offset=off[1])   # [R]
-        self.acts = torch.frombuffer(buf, dtype=DTYPES[dtype], count=R * d_in, offset=off[2]
-                                     ).view(R, d_in)                            # [R, d_in]
-        # numpy views for scattered row moves: measured ~2x faster than torch's index_copy_
-        self.acts_np, self.ids_np = bits(self.acts), self.ids.numpy()
-        # map every page now: the first touch of a page by a process costs a page fault (~3x slower writes,
-        # ~8x slower gathers while it lasts); the producer reads one element per page (restored rows live)
-        if create:
-            self.acts.zero_()
-            self.ids.zero_()
-        else:
-            self.acts.view(-1)[::4096 // self.acts.element_size()].sum()
-        self.S = S
-
-    def close(self, unlink: bool) -> None:
-        """Drop the views, unmap; unlink the name (first: that is what frees /dev/shm)."""
-        self.header = self.ids = self.acts = self.acts_np = self.ids_np = None
-        if unlink:
-            with suppress(FileNotFoundError):
-                self.shm.unlink()
-        with suppress(BufferError):  # a view still alive elsewhere: the mapping goes with the process
-            self.shm.close()
-
-
-def bits(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of t's bytes as same-width integers (numpy has no bfloat16)."""
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()]).numpy()
-
-
-def _check_room(size: int) -> None:
-    """Fail early instead of a SIGBUS later: containers often give /dev/shm only 64 MB."""
-    if os.path.isdir("/dev/shm"):
-        st = os.statvfs("/dev/shm")
-        if size > st.f_bavail * st.f_frsize:
-            raise MonosemError(
-                f"the activation buffer needs {size / 2**20:.0f} MiB of shared memory, /dev/shm has "
-                f"{st.f_bavail * st.f_frsize / 2**20:.0f} MiB free: lower buffer.pool_size, "
-                f"buffer.n_slots, buffer.spare_fraction or buffer.slot_vectors, use buffer.dtype=bf16, "
-                f"or enlarge /dev/shm (docker run --shm-size=...)")
-
+from monosem.segment import (BUSY_S, DTYPES, SLOTS, VECTORS, WAIT_S, WAITING, WRITE_S, End, Failed, Full,
+                             Lend, SharedPool, Spec, Stop)
 
 Context = tuple[torch.Tensor, torch.Tensor, dict]  # acts [k, d_in], provenance ids [k], state after it
 TABLE_ROWS = 4093  # prime: a synthetic vector is row (id mod TABLE_ROWS) of a fixed random table
+PR_SET_NAME = 15   # prctl option: the 15-byte name in /proc/<pid>/comm (ps, top, pgrep)
+
+
+class Source(Protocol):
+    """What the producer runs: whole contexts from a resumable position (picklable: it is spawned)."""
+
+    def contexts(self, state: dict | None) -> Iterator[Context]: ...
 
 
 def keep_positions(seed: int, ctx_id: int, ctx_len: int, k: int) -> torch.Tensor:
@@ -108,10 +55,10 @@ def keep_positions(seed: int, ctx_id: int, ctx_len: int, k: int) -> torch.Tensor
     return torch.from_numpy(np.sort(rng.choice(ctx_len, size=k, replace=False)).astype(np.int64))
 
 
-def producer_device(setting: str, rank: int) -> str:
-    """`auto`: cuda:<local rank> when there is a GPU, else cpu."""
+def producer_device(setting: str) -> str:
+    """`auto`: cuda:<local rank> when there is a GPU (each rank's producer on its own GPU), else cpu."""
     if setting == "auto" and torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+        return f"cuda:{dist.local_rank() % torch.cuda.device_count()}"
     return "cpu"
 
 
@@ -122,7 +69,8 @@ class LMSource:
     start of the stream (the count is part of the state), so a resumed producer batches contexts exactly
     as an uninterrupted one did, and its activations are bit-identical."""
 
-    def __init__(self, cfg, rank: int, world_size: int, lm_path, data_dir, loop: bool = True):
+    def __init__(self, cfg: Config, rank: int, world_size: int, lm_path: str | Path | None,
+                 data_dir: str | Path | None, loop: bool = True):
         if lm_path is None or data_dir is None:
             raise MonosemError("ActivationBuffer needs lm_path and data_dir (or a source)")
         self.cfg = copy.deepcopy(cfg)
@@ -141,7 +89,9 @@ class LMSource:
         if state:
             stream.load_state_dict(state["stream"])
         n = state["contexts"] if state else 0
-        device = producer_device(b.producer_device, self.rank)
+        device = producer_device(b.producer_device)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)  # no stray context on cuda:0 from every rank's producer
         lm = load_lm(self.lm_path, device=device)
         if lm.cfg.d_mlp != cfg.sae.d_in:
             raise MonosemError(f"the LM at {self.lm_path} has d_mlp {lm.cfg.d_mlp}, sae.d_in says "
@@ -162,7 +112,7 @@ class LMSource:
                 if k < T:
                     index = pos.to(device)[:, :, None].expand(-1, -1, acts.shape[2])
                     acts = acts.gather(1, index)                                # [b, k, d_mlp]
-                acts = acts.to(storage).cpu()
+                acts = acts.to(storage).cpu()  # cast on the device: fewer bytes over PCIe
             for j, (_, ctx_id, st) in enumerate(group):
                 n += 1
                 yield acts[j], ctx_id * T + pos[j], {"stream": st, "contexts": n}
@@ -170,6 +120,7 @@ class LMSource:
 
 @functools.lru_cache(maxsize=4)
 def synthetic_table(d_in: int) -> torch.Tensor:
+    """The fixed random float32 [TABLE_ROWS, d_in] table SyntheticSource draws its vectors from."""
     return torch.randn(TABLE_ROWS, d_in, generator=torch.Generator().manual_seed(TABLE_ROWS))
 
 
@@ -208,29 +159,68 @@ class ConsumerGone(Exception):
     """The trainer process is gone (its pipe closed or our parent changed): stop and unlink its segment."""
 
 
-def run_producer(source, name: str, spec: tuple, full_w, free_r, parent_pid: int,
-                 state: dict | None, contexts_per_slot: int, threads: int, poll_s: float) -> None:
+@dataclass
+class ProducerJob:
+    """Everything the spawned producer needs (pickled to it), besides its two pipe ends."""
+    source: Source
+    segment: str               # shared-memory name
+    spec: Spec                 # the segment's layout
+    rank: int                  # for the process name
+    parent_pid: int            # the trainer: if our parent changes, it died
+    state: dict | None         # source state to resume from (None = the start)
+    contexts_per_slot: int
+    threads: int               # torch threads
+    poll_s: float              # how often a waiting producer checks that the trainer lives
+
+
+def name_process(rank: int) -> str:
+    """Name this process `monosem-prod-<rank>` in /proc/self/comm (ps -e, top, pgrep; 15 bytes at most)
+    and, if the optional `setproctitle` package is installed, its full command line in ps -f."""
+    with suppress(ImportError):
+        import setproctitle  # optional: not a dependency
+
+        setproctitle.setproctitle(f"monosem producer rank {rank} (trainer pid {os.getppid()})")
+    comm = f"monosem-prod-{rank}"[:15]
+    with suppress(OSError, AttributeError):  # not Linux: keep the interpreter's name
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, ctypes.c_char_p(comm.encode()), 0, 0, 0)
+    return comm
+
+
+def failure(exc: BaseException) -> Failed:
+    """A MonosemError is the user's (a corrupt shard, a wrong LM): its message alone. Anything else is a
+    bug: keep the traceback."""
+    if isinstance(exc, MonosemError):
+        return Failed(str(exc), traceback.format_exc(), "user")
+    return Failed(f"{type(exc).__name__}: {exc}", traceback.format_exc(), "unexpected")
+
+
+def run_producer(job: ProducerJob, full_w: Connection, free_r: Connection) -> None:
     """Process entry point: fill slots until the stream ends, the consumer says stop, or it is gone.
-    An exception goes to the consumer as its formatted traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's: it checkpoints, stops us
-    torch.set_num_threads(threads)
-    shared, gone, failed = SharedPool(spec, name=name), False, False
+    An exception goes to the consumer as a Failed message; the exit code is then 1."""
+    # Ctrl-C and a launcher's SIGTERM reach the whole process group: they are the trainer's to handle
+    # (it checkpoints, then stops us); we leave when told, or when the trainer is gone
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    name_process(job.rank)
+    torch.set_num_threads(job.threads)
+    shared, gone, failed = SharedPool(job.spec, name=job.segment), False, False
     try:
-        produce(source.contexts(state), shared, full_w, free_r, parent_pid, contexts_per_slot, poll_s)
+        produce(job.source.contexts(job.state), shared, full_w, free_r, job.parent_pid,
+                job.contexts_per_slot, job.poll_s)
     except ConsumerGone:
         gone = True  # nobody else will unlink the segment
-    except BaseException:
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the trainer
         failed = True
         with suppress(Exception):
-            full_w.send(("error", traceback.format_exc()))
+            full_w.send(failure(e))
     finally:
         shared.close(unlink=gone)
     if failed:
         sys.exit(1)
 
 
-def produce(contexts: Iterator[Context], shared: SharedPool, full_w, free_r, parent_pid: int,
-            contexts_per_slot: int, poll_s: float) -> None:
+def produce(contexts: Iterator[Context], shared: SharedPool, full_w: Connection, free_r: Connection,
+            parent_pid: int, contexts_per_slot: int, poll_s: float) -> None:
     """Whole contexts into the block of each lent slot; a slot is announced with the source state
     after its last context."""
     h = shared.header
@@ -245,9 +235,9 @@ def produce(contexts: Iterator[Context], shared: SharedPool, full_w, free_r, par
         if count:
             h[VECTORS] += count
             h[SLOTS] += 1
-            send(full_w, ("slot", block, count, state))
+            send(full_w, Full(block, count, state))
         if ended:
-            send(full_w, ("end",))
+            send(full_w, End())
             return
 
 
@@ -273,7 +263,7 @@ def fill_slot(contexts: Iterator[Context], shared: SharedPool, block: int,
     return count, state, ended, write_s
 
 
-def wait_free(free_r, h: torch.Tensor, parent_pid: int, poll_s: float) -> int | None:
+def wait_free(free_r: Connection, h: torch.Tensor, parent_pid: int, poll_s: float) -> int | None:
     """The block of the next lent slot (None = stop); blocks while none is lent."""
     t0 = time.perf_counter()
     h[WAITING] = 1
@@ -286,10 +276,15 @@ def wait_free(free_r, h: torch.Tensor, parent_pid: int, poll_s: float) -> int | 
         raise ConsumerGone from None
     h[WAITING] = 0
     h[WAIT_S] += time.perf_counter() - t0
-    return msg
+    if isinstance(msg, Stop):
+        return None
+    if not isinstance(msg, Lend):
+        raise RuntimeError(f"producer: unexpected message {msg!r}")
+    return msg.block
 
 
-def send(full_w, msg: tuple) -> None:
+def send(full_w: Connection, msg: Full | End) -> None:
+    """One message to the trainer; a closed pipe means it is gone."""
     try:
         full_w.send(msg)
     except OSError:  # BrokenPipeError: the consumer closed its end or died

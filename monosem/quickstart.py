@@ -16,6 +16,7 @@ import time
 from monosem.checkpoint import latest_checkpoint, load_state
 from monosem.config import Config
 from monosem.configfile import save_config
+from monosem.metrics import last_scalars
 
 
 def _stage(title: str) -> float:
@@ -25,7 +26,7 @@ def _stage(title: str) -> float:
 
 def quickstart(cfg: Config, resume: bool = False) -> dict:
     """Run prepare -> train-lm -> train-sae; return the headline figures."""
-    from monosem.shards import prepare
+    from monosem.prepare import prepare
     from monosem.train_lm import train_lm
     from monosem.train_sae import train
 
@@ -50,7 +51,7 @@ def quickstart(cfg: Config, resume: bool = False) -> dict:
     sae_ckpt = latest_checkpoint(cfg.sae_dir)
     if sae_ckpt is not None and load_state(sae_ckpt).get("step", 0) >= cfg.train_sae.steps:
         print(f"SAE already trained ({sae_ckpt}); skipping")
-        sae_metrics = _last_scalars(cfg.sae_dir / "tb")
+        sae_metrics = last_scalars(cfg.sae_dir / "tb")
     else:
         sae_metrics = train(cfg, resume=resume or sae_ckpt is not None)
     times["train_sae_s"] = time.perf_counter() - t
@@ -59,14 +60,6 @@ def quickstart(cfg: Config, resume: bool = False) -> dict:
     out = {"tokens": manifest["splits"]["train"]["tokens"], **lm_metrics, **sae_metrics, **times}
     _summary(cfg, out)
     return out
-
-
-def _last_scalars(tb_root) -> dict:
-    """{"<sae>/<tag>": last value} from the TensorBoard runs of a finished training."""
-    from monosem.metrics import read_scalars
-
-    return {f"{run.name}/{tag}": values[-1][1] for run in sorted(tb_root.iterdir()) if run.is_dir()
-            for tag, values in read_scalars(run).items() if values}
 
 
 def _summary(cfg: Config, m: dict) -> None:

@@ -18,6 +18,7 @@ from monosem.errors import MonosemError
 
 ENC_NORM_FACTOR = 0.2  # paper: new encoder rows get 0.2 x the mean norm of the alive encoder rows
 ADAM_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+CENTRE, ADAM = False, "zero"  # defaults of resample_params_ (see benchmarks/resampling.py)
 
 
 class Reservoir:
@@ -119,41 +120,59 @@ def choose_inputs(losses: torch.Tensor, n_dead: int, power: float = 2.0,
     return torch.multinomial(w, n_dead, replacement=True, generator=generator)
 
 
-def reset_adam_rows_(param_state: dict, index: torch.Tensor, dim: int) -> None:
-    """Zero the Adam moments (exp_avg, exp_avg_sq, max_exp_avg_sq) of one parameter at `index` along `dim`.
+def reset_adam_rows_(param_state: dict, index: torch.Tensor, dim: int, adam: str = "zero") -> None:
+    """Reset the Adam moments of one parameter at `index` along `dim`.
 
-    The shared `step` count is left alone (torch keeps one per parameter, not per row).
+    adam="zero": exp_avg, exp_avg_sq and max_exp_avg_sq zeroed. torch keeps one `step` count per
+    parameter (left alone), so at a large step the bias corrections are ~1 and the first updates of a
+    zeroed row are ~lr·(1−β1)/√(1−β2) ≈ 3.2·lr per element (no warm-up). adam="alive": exp_avg
+    zeroed, the second moments set to their mean over the rows not reset, so the first updates are
+    ~(1−β1)·lr·g/rms(g) and grow to ~lr over ~1/(1−β1) steps: a warm-up for those rows alone.
     """
+    keep = None
+    if adam == "alive":
+        sizes = [v.shape[dim] for v in param_state.values() if isinstance(v, torch.Tensor) and v.ndim]
+        if sizes:
+            keep = torch.ones(sizes[0], dtype=torch.bool)
+            keep[index.cpu()] = False
     for key in ADAM_MOMENT_KEYS:
         moment = param_state.get(key)
-        if isinstance(moment, torch.Tensor) and moment.ndim > 0:
-            moment.index_fill_(dim, index.to(moment.device), 0.0)
+        if not isinstance(moment, torch.Tensor) or moment.ndim == 0:
+            continue
+        idx = index.to(moment.device)
+        if key == "exp_avg" or keep is None or not keep.any():
+            moment.index_fill_(dim, idx, 0.0)
+            continue
+        mean = moment.index_select(dim, keep.nonzero()[:, 0].to(moment.device)).mean(dim, keepdim=True)
+        moment.index_copy_(dim, idx, mean.expand_as(moment.index_select(dim, idx)).contiguous())
 
 
-RESAMPLED_PARAMS = ("W_enc", "b_enc", "W_dec")  # what resampling writes (and the dim of a feature in each)
-FEATURE_DIM = {"W_enc": 0, "b_enc": 0, "W_dec": 1}
+RESAMPLED_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")  # what resampling reads; it writes all but b_dec
+FEATURE_DIM = {"W_enc": 0, "b_enc": 0, "W_dec": 1}  # the dim of a feature in each parameter it writes
 
 
 @torch.no_grad()
 def resample_(sae: torch.nn.Module, optimizer_state: dict, dead_idx: torch.Tensor,
-              inputs: torch.Tensor) -> None:
+              inputs: torch.Tensor, **how) -> None:
     """Give dead feature dead_idx[j] the direction of inputs[j] ([n_dead, d_in]), in place, on a module
     whose optimizer state is `optimizer.state` ({param: {"exp_avg": ...}}). See resample_params_."""
     params = {name: getattr(sae, name) for name in RESAMPLED_PARAMS}
     states = {name: optimizer_state[p] for name, p in params.items() if p in optimizer_state}
-    resample_params_(params, states, dead_idx, inputs)
+    resample_params_(params, states, dead_idx, inputs, **how)
 
 
 @torch.no_grad()
 def resample_params_(params: dict[str, torch.Tensor], states: dict[str, dict], dead_idx: torch.Tensor,
-                     inputs: torch.Tensor) -> None:
+                     inputs: torch.Tensor, *, centre: bool = CENTRE, adam: str = ADAM) -> None:
     """Resampling on plain tensors, in place: params {"W_enc" [n_features, d_in], "b_enc" [n_features],
-    "W_dec" [d_in, n_features]}, states {name: Adam state dict} (missing names: no state yet).
+    "W_dec" [d_in, n_features], optionally "b_dec" [d_in]}, states {name: Adam state dict} (missing
+    names: no state yet).
 
-    W_dec[:, i] = x / ‖x‖; W_enc[i] = x / ‖x‖ · 0.2 · mean alive ‖W_enc[j]‖ (all if none); b_enc[i] = 0;
-    Adam moments of those columns/rows/entries zeroed.
+    u = x − b_dec if centre (and b_dec is given) else x; W_dec[:, i] = u / ‖u‖;
+    W_enc[i] = u / ‖u‖ · 0.2 · mean alive ‖W_enc[j]‖ (all if none); b_enc[i] = 0; the Adam
+    moments of those columns/rows/entries reset as reset_adam_rows_(adam=...). b_dec itself is only read.
     """
-    W_enc, b_enc, W_dec = (params[name] for name in RESAMPLED_PARAMS)
+    W_enc, b_enc, W_dec = (params[name] for name in ("W_enc", "b_enc", "W_dec"))
     n_features, d_in = W_enc.shape
     dead_idx = dead_idx.to(W_enc.device).long()
     if dead_idx.ndim != 1 or inputs.shape != (len(dead_idx), d_in):
@@ -165,6 +184,8 @@ def resample_params_(params: dict[str, torch.Tensor], states: dict[str, dict], d
         raise MonosemError(f"resample_: dead_idx must be distinct features in [0, {n_features}); "
                            f"got {dead_idx.tolist()[:10]}")
     x = inputs.to(W_enc.device, W_enc.dtype)
+    if centre and "b_dec" in params:  # the encoder reads x − b_dec: point the feature at that
+        x = x - params["b_dec"].to(x.device, x.dtype)
     norms = x.norm(dim=1, keepdim=True)  # [n_dead, 1]
     if (norms == 0).any():
         raise MonosemError(f"resample_: zero input vector chosen for feature(s) "
@@ -178,7 +199,8 @@ def resample_params_(params: dict[str, torch.Tensor], states: dict[str, dict], d
     W_enc[dead_idx] = direction * (ENC_NORM_FACTOR * ref)
     b_enc[dead_idx] = 0.0
     for name, state in states.items():
-        reset_adam_rows_(state, dead_idx, FEATURE_DIM[name])
+        if name in FEATURE_DIM:
+            reset_adam_rows_(state, dead_idx, FEATURE_DIM[name], adam)
 
 
 def dead_mask(last_fired_step: torch.Tensor, step: int, dead_window: int) -> torch.Tensor:

@@ -26,11 +26,13 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from monosem.config import SAEConfig
+from monosem.config import ConfigError, SAEConfig
 from monosem.errors import MonosemError
+from monosem.sparse import MODES, SAEStep, StepSpec, project_columns
 
 RECIPES = ("anthropic-2023", "anthropic-2024-04", "topk")
 DEC_INIT_NORM_2024 = 0.1  # April 2024 update: decoder columns start as random directions of norm 0.1
+SPARSE_THRESHOLD = 0.05  # auto: sparse step at or below this density (it wins up to ~10% in fp32)
 
 
 def loss_convention(recipe: str = "anthropic-2023") -> dict:
@@ -70,7 +72,7 @@ def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-8) -> to
     y = xd.mean(0)
     for _ in range(iters):
         w = 1.0 / (xd - y).norm(dim=1).clamp_min(eps)  # [N]
-        y_new = (w[:, None] * xd).sum(0) / w.sum()
+        y_new = (w.unsqueeze(1) * xd).sum(0) / w.sum()
         done = (y_new - y).norm() <= eps * (1.0 + y.norm())
         y = y_new
         if done:
@@ -112,7 +114,7 @@ class _ProjectColumnGrad(torch.autograd.Function):
     column of W_dec: g - w (w·g) / (w·w). Inside the graph, so it holds under any engine (DDP, or DeepSpeed
     ZeRO where `W_dec.grad` is never exposed between backward and step); linear, so projecting each rank's
     gradient before the reduction equals projecting the reduced one. Saves a detached copy of W_dec, since
-    ZeRO-3 frees the gathered parameter after forward."""
+    ZeRO-3 frees the gathered parameter after forward. (Used by the autograd path; SAEStep projects itself.)"""
 
     @staticmethod
     def forward(ctx, W_dec: torch.Tensor) -> torch.Tensor:
@@ -122,15 +124,24 @@ class _ProjectColumnGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> torch.Tensor:
         (w,) = ctx.saved_tensors
-        dtype = torch.promote_types(g.dtype, torch.float32)  # bf16 weights: project in float32
-        w, g_ = w.to(dtype), g.to(dtype)
-        coef = (w * g_).sum(0, keepdim=True) / (w * w).sum(0, keepdim=True).clamp_min(1e-30)
-        return (g_ - w * coef).to(g.dtype)
+        return project_columns(g, w)
 
 
 class SAE(nn.Module):
-    def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):
+    """`sparse` (auto | on | off) and `sparse_threshold` choose the training step's path: `auto` runs the
+    sparse step when the batch's active entries / (B x n_features) <= sparse_threshold (train_sae.sparse,
+    train_sae.sparse_threshold). After each forward, `last_path` is "sparse", "dense" or "autograd" (input
+    that requires grad) and `last_density` the measured density (nan when not measured)."""
+
+    def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None, sparse: str = "auto",
+                 sparse_threshold: float = SPARSE_THRESHOLD):
         super().__init__()
+        if sparse not in MODES:
+            raise ConfigError(f"train_sae.sparse must be one of {', '.join(MODES)}; got {sparse!r}")
+        if not 0.0 <= sparse_threshold <= 1.0:
+            raise ConfigError(f"train_sae.sparse_threshold must be in [0, 1]; got {sparse_threshold}")
+        self.sparse_mode, self.sparse_threshold = sparse, float(sparse_threshold)
+        self.last_path, self.last_density = "", float("nan")
         if cfg.recipe not in RECIPES:
             raise MonosemError(f"sae.recipe must be one of {', '.join(RECIPES)}; got {cfg.recipe!r}")
         if cfg.recipe == "topk" and not 0 < cfg.k <= cfg.n_features:
@@ -251,7 +262,33 @@ class SAE(nn.Module):
 
     def forward(self, x: torch.Tensor, l1_coeff: float | None = None,
                 dead_mask: torch.Tensor | None = None) -> SAEOutput:
-        xs = x * self.scale  # [B, d_in] in the SAE's working space
+        """x [..., d_in]. The training step with a hand-written backward (monosem.sparse.SAEStep), sparse or
+        dense by measured density; plain autograd when x itself requires grad. Under autocast the dense
+        GEMMs run in its dtype and f comes back in it; x_hat and the loss parts stay float32."""
+        lam = 0.0 if self.recipe == "topk" else (self.cfg.l1_coeff if l1_coeff is None else l1_coeff)
+        if x.requires_grad:
+            self.last_path, self.last_density = "autograd", float("nan")
+            return self._forward_autograd(x, lam, dead_mask)
+        lead, d_in = x.shape[:-1], self.cfg.d_in
+        xs = (x * self.scale).reshape(-1, d_in)  # [B, d_in] in the SAE's working space
+        dev = xs.device.type
+        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.W_enc.dtype
+        dead_idx = None
+        if self.recipe == "topk" and dead_mask is not None:
+            dead_idx = dead_mask.to(xs.device).nonzero().flatten()  # [n_dead]
+        spec = StepSpec(self.recipe, self.sparse_mode, self.sparse_threshold, cd, self.cfg.k,
+                        self.cfg.aux_k, self.cfg.aux_coeff, dead_idx)
+        info: dict = {}
+        with torch.autocast(dev, enabled=False):
+            xs_hat, f, mse, l1, aux = SAEStep.apply(self.W_enc, self.b_enc, self.W_dec, self.b_dec, xs,
+                                                    spec, info)
+        self.last_path, self.last_density = info["path"], info["density"]
+        x_hat = (xs_hat / self.scale).reshape(*lead, d_in)
+        return SAEOutput(x_hat, f.reshape(*lead, -1), mse, l1, mse + lam * l1 + aux, aux)
+
+    def _forward_autograd(self, x: torch.Tensor, lam: float,
+                          dead_mask: torch.Tensor | None) -> SAEOutput:
+        xs = x * self.scale  # [..., d_in] in the SAE's working space
         pre = self._pre_acts(xs)
         f = self._activate(pre)
         # unit-norm recipes: W_dec's gradient (both paths: reconstruction and AuxK) comes back projected
@@ -260,9 +297,7 @@ class SAE(nn.Module):
         mse_i, l1_i = self._terms(xs, xs_hat, f)
         mse, l1 = mse_i.mean(), l1_i.mean()
         aux = self._auxk(xs, xs_hat, pre, dead_mask, W_dec)
-        lam = 0.0 if self.recipe == "topk" else (self.cfg.l1_coeff if l1_coeff is None else l1_coeff)
-        loss = mse + lam * l1 + aux
-        return SAEOutput(xs_hat / self.scale, f, mse, l1, loss, aux)
+        return SAEOutput(xs_hat / self.scale, f, mse, l1, mse + lam * l1 + aux, aux)
 
     @torch.no_grad()
     def losses_per_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,8 +315,7 @@ class SAE(nn.Module):
         g = self.W_dec.grad
         if not self.unit_norm or g is None:
             return
-        w = self.W_dec
-        g.sub_(w * ((w * g).sum(0, keepdim=True) / (w * w).sum(0, keepdim=True)))
+        g.copy_(project_columns(g, self.W_dec))
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

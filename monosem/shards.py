@@ -1,60 +1,71 @@
-"""Token shards: corpus -> GPT-2 ids -> fixed-length contexts -> WebDataset tars + manifest.json.
+"""The on-disk token shard format (monosem-shards/1): writing, reading and checking shards.
 
-Format (monosem-shards/1): `<data_dir>/{train,val}-NNNNNN.tar`, one sample per context, member
-`<ctx_id:010d>.tokens.npy` = np.save of a uint16 [ctx_len] array; manifest.json lists every shard
-with its counts and sha256.
+`<data_dir>/{train,val}-NNNNNN.tar` holds one sample per context, the member
+`<ctx_id:010d>.tokens.npy` = np.save of a little-endian uint16 [ctx_len] array (the USTAR layout
+webdataset's TarWriter writes, so `wds.WebDataset(urls).decode()` reads it too); `manifest.json`
+lists every shard with its counts and sha256. `monosem prepare` (monosem/prepare.py) makes them.
 
-    monosem prepare configs/tiny.toml       # = monosem.shards.prepare(load_config(...))
-    m = read_manifest("runs/tiny/data"); paths = shard_paths("runs/tiny/data", "train")
+    entries = write_shards(contexts, ctx_ids, "out", "train", contexts_per_shard=1024)
+    write_json_atomic("out/manifest.json", make_manifest(ctx_len, {"train": entries, "val": []}))
+    m = read_manifest("out"); paths = shard_paths("out", "train"); verify_shards("out")
+    tokens, ctx_ids = load_shard(paths[0], m["ctx_len"], m["splits"]["train"]["shards"][0])
+
+Every error about a shard is a ShardError whose message starts with `shard <path>` on one line.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
+import functools
 import hashlib
 import io
 import json
-import sys
+import re
 import tarfile
-import time
-from fractions import Fraction
-from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
-from monosem.config import Config
-from monosem.configfile import save_config
 from monosem.errors import MonosemError
-from monosem.files import open_atomic, write_json_atomic
+from monosem.files import open_atomic
+from monosem.tokenizer import EOT, N_VOCAB, NAME as TOKENIZER
 
 FORMAT = "monosem-shards/1"
 SPLITS = ("train", "val")
-IGNORED_KEYS = ("num_threads", "dir")  # [data] keys that do not change the shards
+MEMBER = re.compile(r"(\d{10})\.tokens\.npy")
+REQUIRED_KEYS = ("ctx_len", "eot", "splits", "data_config")
 
 
-# ---- low-level: one shard, many shards, the manifest ------------------------------------------
+class ShardError(MonosemError):
+    """A shard is missing, truncated, corrupt or disagrees with the manifest; the message's first
+    line starts with `shard <path>`."""
+
+
+def shard_error(path: Path, problem: object, member: str | None = None) -> ShardError:
+    """The one-line ShardError for `path` (exception texts can hold newlines: folded)."""
+    where = f", member {member}" if member is not None else ""
+    return ShardError(f"shard {path}{where}: " + " ".join(str(problem).split()))
+
 
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _npy_header(ctx_len: int) -> bytes:
+@functools.lru_cache
+def npy_header(ctx_len: int) -> bytes:
     """np.save's header for a uint16 [ctx_len] array: the same for every context of a shard."""
     buf = io.BytesIO()
     np.save(buf, np.zeros(ctx_len, "<u2"), allow_pickle=False)
     return buf.getvalue()[: -2 * ctx_len]
 
 
+# ---- writing ------------------------------------------------------------------------------------
+
 def write_shard(path: Path, contexts: np.ndarray, ctx_ids: np.ndarray) -> dict:
-    """Write one tar (temp name, fsync, rename); return its manifest entry. The layout is what
-    webdataset's TarWriter writes (USTAR, one member per sample field); plain `tarfile` is used
-    because `import webdataset` imports torch (2-4 s)."""
+    """Write one tar (temp name, fsync, rename); return its manifest entry. Plain `tarfile` is
+    used because `import webdataset` imports torch (2-4 s)."""
     path = Path(path)
     with open_atomic(path) as f:
-        header = _npy_header(contexts.shape[1])
+        header = npy_header(contexts.shape[1])
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for ctx, cid in zip(contexts, ctx_ids):
                 data = header + ctx.astype("<u2", copy=False).tobytes()  # == np.save bytes
@@ -85,6 +96,18 @@ def write_shards(contexts: np.ndarray, ctx_ids: np.ndarray, out_dir: str | Path,
     return entries
 
 
+# ---- the manifest -------------------------------------------------------------------------------
+
+def make_manifest(ctx_len: int, splits: dict[str, list[dict]], **info: object) -> dict:
+    """The manifest of shards whose entries (from write_shard) are given per split; `info` adds
+    keys (source, data_config, versions, documents, ...). data_config defaults to {}."""
+    return {"format": FORMAT, "tokenizer": TOKENIZER, "n_vocab": N_VOCAB, "eot": EOT,
+            "ctx_len": ctx_len, "data_config": {}, **info,
+            "splits": {name: {"contexts": sum(e["contexts"] for e in entries),
+                              "tokens": sum(e["tokens"] for e in entries), "shards": entries}
+                       for name, entries in splits.items()}}
+
+
 def read_manifest(data_dir: str | Path) -> dict:
     """The manifest of a shard folder; MonosemError naming the path if missing or invalid."""
     path = Path(data_dir) / "manifest.json"
@@ -98,7 +121,7 @@ def read_manifest(data_dir: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise MonosemError(f"{path}: format is {found!r}, expected {FORMAT!r}")
-    missing = [k for k in ("ctx_len", "eot", "splits", "data_config") if k not in manifest]
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise MonosemError(f"{path}: key(s) {', '.join(missing)} missing")
     return manifest
@@ -113,184 +136,98 @@ def shard_paths(data_dir: str | Path, split: str) -> list[Path]:
     return [Path(data_dir) / e["name"] for e in splits[split]["shards"]]
 
 
-# ---- prepare: corpus -> shards ------------------------------------------------------------------
-
-def prepare(cfg: Config) -> dict:
-    """Tokenize `cfg.data.source` into shards under `cfg.data_dir`; return the manifest.
-    A folder already made with the same [data] config is verified and kept; one made with
-    another config is refused (never overwritten)."""
-    data_dir, data_config = cfg.data_dir, dataclasses.asdict(cfg.data)
-    if (data_dir / "manifest.json").exists():
-        manifest = read_manifest(data_dir)
-        _check_same_config(manifest, data_config, data_dir)
-        verify_shards(data_dir, manifest)
-        print(f"prepare: {data_dir} already holds these shards ({_counts(manifest)}, every "
-              f"shard's sha256 verified); skipping")
-        return manifest
-    t0 = time.perf_counter()
-    splits, stats = _tokenize_and_write(cfg, data_dir)
-    manifest = {"format": FORMAT, "tokenizer": "r50k_base", "n_vocab": 50257, "eot": 50256,
-                "ctx_len": cfg.data.ctx_len, "contexts_per_shard": cfg.data.contexts_per_shard,
-                "source": cfg.data.source, "documents": stats["documents"],
-                "corpus_tokens": stats["tokens"], "data_config": data_config,
-                "versions": _versions(), "splits": splits}
-    _remove_stale(data_dir, manifest)
-    save_config(cfg, data_dir)
-    write_json_atomic(data_dir / "manifest.json", manifest)  # last: it marks the folder complete
-    dt = time.perf_counter() - t0
-    print(f"prepare: {stats['documents']:,} documents, {stats['tokens']:,} tokens read -> "
-          f"{_counts(manifest)} in {data_dir} ({stats['tokens'] / dt:,.0f} tokens/s, {dt:.1f} s)")
-    return manifest
-
-
-def _counts(manifest: dict) -> str:
-    n, sp = sum(s["contexts"] for s in manifest["splits"].values()), manifest["splits"]
-    return (f"{n * manifest['ctx_len']:,} tokens in {n:,} contexts of {manifest['ctx_len']}, "
-            + ", ".join(f"{k} {s['contexts']:,}/{len(s['shards'])} shards" for k, s in sp.items()))
-
-
-def _check_same_config(manifest: dict, data_config: dict, data_dir: Path) -> None:
-    old = manifest["data_config"]
-    keys = sorted(k for k in set(old) | set(data_config)
-                  if k not in IGNORED_KEYS and old.get(k) != data_config.get(k))
-    if keys:
-        diff = "; ".join(f"data.{k}: {old.get(k)!r} there, {data_config.get(k)!r} now"
-                         for k in keys)
-        raise MonosemError(f"{data_dir} holds shards made with another [data] config ({diff}); "
-                           f"not overwriting it: use another data.dir or run.name, or delete it")
-
-
 def verify_shards(data_dir: str | Path, manifest: dict | None = None) -> None:
-    """Check every shard's size and sha256 against the manifest; MonosemError naming the shard."""
+    """Check every shard's size and sha256 against the manifest; ShardError naming the shard."""
     data_dir = Path(data_dir)
     manifest = manifest or read_manifest(data_dir)
     for split in manifest["splits"].values():
         for entry in split["shards"]:
             path, problem = data_dir / entry["name"], None
             if not path.is_file():
-                problem = "is missing"
+                problem = "missing"
             elif "bytes" in entry and path.stat().st_size != entry["bytes"]:
                 problem = f"has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
             elif _sha256(path) != entry["sha256"]:
                 problem = "does not match its sha256 in the manifest (corrupt)"
             if problem:
-                raise MonosemError(f"shard {path} {problem}; delete {data_dir}, prepare again")
+                raise shard_error(path, f"{problem}; delete {data_dir}, prepare again")
 
 
-def _versions() -> dict:
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("monosem", "numpy", "tiktoken", "webdataset", "datasets"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[pkg] = metadata.version(pkg)
-    return out
+# ---- reading ------------------------------------------------------------------------------------
+
+def _plain_members(data: bytes) -> list[tuple[str, bytes]] | None:
+    """(name, bytes) of each member of a plain ustar archive (what write_shard writes), parsed
+    directly (tarfile costs ~80 us a member); None for anything else, which tarfile then judges."""
+    members, off = [], 0
+    while off + 512 <= len(data):
+        header = data[off:off + 512]
+        if not any(header):
+            return members  # end-of-archive block
+        try:
+            size = int(header[124:136].strip(b"\0 "), 8)
+            checksum = int(header[148:156].strip(b"\0 "), 8)
+        except ValueError:
+            return None
+        if (header[156:157] not in (b"0", b"\0") or any(header[345:500])  # plain file, short name
+                or off + 512 + size > len(data)
+                or checksum != sum(header[:148]) + 256 + sum(header[156:])):
+            return None
+        members.append((header[:100].rstrip(b"\0").decode("utf-8", "replace"),
+                        data[off + 512:off + 512 + size]))
+        off += 512 + -(-size // 512) * 512
+    return None
 
 
-def _remove_stale(data_dir: Path, manifest: dict) -> None:
-    """Drop shards and temp files left by an interrupted earlier prepare (no manifest then)."""
-    keep = {e["name"] for s in manifest["splits"].values() for e in s["shards"]}
-    for split in SPLITS:
-        for path in [*data_dir.glob(f"{split}-??????.tar"), *data_dir.glob(f".{split}-*.tmp")]:
-            if path.name not in keep:
-                path.unlink()
+def _tar_members(path: Path, data: bytes) -> list[tuple[str, bytes]]:
+    """Members via tarfile, for archives the fast parser declines; errors name the member."""
+    members, member = [], None
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    raise shard_error(path, f"member {member.name!r} is not a file")
+                members.append((member.name, tar.extractfile(member).read()))
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        name = member.name if member is not None else None
+        raise shard_error(path, f"truncated or corrupt ({e})", name) from None
+    return members
 
 
-# ---- the streaming pipeline: documents -> token chunks -> contexts -> shards --------------------
-
-def _token_chunks(docs: Iterable[str], num_threads: int, stats: dict) -> Iterator[np.ndarray]:
-    """uint16 token ids of document batches (eot after each document), with a progress bar."""
-    from tqdm import tqdm
-    from monosem.tokenizer import encode_documents
-
-    with tqdm(desc="prepare", unit=" docs", mininterval=0.5) as bar:
-        for n_docs, chunk in encode_documents(docs, num_threads):
-            stats["documents"] += n_docs
-            stats["tokens"] += len(chunk)
-            bar.update(n_docs)
-            bar.set_postfix(tokens=f"{stats['tokens']:,}", refresh=False)
-            yield chunk
-
-
-def _contexts(chunks: Iterable[np.ndarray], ctx_len: int,
-              max_contexts: int) -> Iterator[np.ndarray]:
-    """Pack the token stream into [n, ctx_len] blocks; the final partial context is dropped."""
-    carry, done = np.empty(0, np.uint16), 0
-    for chunk in chunks:
-        buf = np.concatenate([carry, chunk])
-        n = len(buf) // ctx_len
-        if max_contexts:
-            n = min(n, max_contexts - done)
-        yield buf[: n * ctx_len].reshape(n, ctx_len)   # [n, T]
-        carry, done = buf[n * ctx_len:], done + n
-        if max_contexts and done >= max_contexts:
-            return
+def _npy_tokens(path: Path, name: str, raw: bytes, ctx_len: int) -> np.ndarray:
+    """One member's uint16 [ctx_len] tokens; ShardError naming the member if it is not that."""
+    header = npy_header(ctx_len)
+    if len(raw) == len(header) + 2 * ctx_len and raw.startswith(header):  # the usual case, fast
+        return np.frombuffer(raw, "<u2", offset=len(header)).astype(np.uint16, copy=False)
+    try:
+        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        raise shard_error(path, f"not a valid .npy ({e})", name) from None
+    if arr.dtype != np.uint16 or arr.shape != (ctx_len,):
+        raise shard_error(path, f"{arr.dtype} {list(arr.shape)}, manifest wants uint16 "
+                                f"[{ctx_len}]", name)
+    return arr
 
 
-def val_mask(ctx_ids: np.ndarray, val_fraction: float) -> np.ndarray:
-    """Contexts held out for validation: i is val iff ceil((i+1)f) > ceil(i f), so any prefix of
-    n contexts has exactly ceil(n f) val contexts, evenly spread, the first one being context 0."""
-    f = Fraction(str(val_fraction))
-    i = ctx_ids.astype(np.int64)
-    ceil = lambda x: -((-x * f.numerator) // f.denominator)  # noqa: E731 - exact integer ceil
-    return ceil(i + 1) > ceil(i)
-
-
-class _SplitWriter:
-    """Collects a split's contexts in a shuffle window and writes full shards out of it.
-
-    Contexts arrive in corpus order (a shard would hold a few contiguous files); permuting each window
-    of `window` contexts (seeded) makes every shard a mixture of the whole window."""
-
-    def __init__(self, out_dir: Path, split: str, contexts_per_shard: int, ctx_len: int,
-                 window: int, seed: int):
-        self.out_dir, self.split, self.per_shard = out_dir, split, contexts_per_shard
-        self.ctx_len, self.n_pending, self.entries = ctx_len, 0, []
-        self.window, self.seed, self.flushes = max(window, contexts_per_shard), seed, 0
-        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
-
-    def add(self, contexts: np.ndarray, ctx_ids: np.ndarray, final: bool = False) -> None:
-        self.pending.append((contexts, ctx_ids))
-        self.n_pending += len(contexts)
-        if self.n_pending < self.window and not (final and self.n_pending):
-            return
-        ctx = np.concatenate([c for c, _ in self.pending])
-        ids = np.concatenate([i for _, i in self.pending])
-        perm = np.random.default_rng([self.seed, SPLITS.index(self.split), self.flushes]).permutation(len(ctx))
-        ctx, ids, self.flushes = ctx[perm], ids[perm], self.flushes + 1
-        n_write = len(ctx) if final else len(ctx) // self.per_shard * self.per_shard
-        for start in range(0, n_write, self.per_shard):
-            end = min(start + self.per_shard, n_write)
-            name = f"{self.split}-{len(self.entries):06d}.tar"
-            self.entries.append(write_shard(self.out_dir / name, ctx[start:end], ids[start:end]))
-        self.pending, self.n_pending = [(ctx[n_write:], ids[n_write:])], len(ctx) - n_write
-
-    def summary(self) -> dict:
-        n = sum(e["contexts"] for e in self.entries)
-        return {"contexts": n, "tokens": n * self.ctx_len, "shards": self.entries}
-
-
-def _tokenize_and_write(cfg: Config, data_dir: Path) -> tuple[dict, dict]:
-    from monosem.corpus import iter_documents
-
-    d = cfg.data
-    max_contexts = d.max_tokens // d.ctx_len if d.max_tokens else 0
-    if d.max_tokens and not max_contexts:
-        raise MonosemError(f"data.max_tokens ({d.max_tokens}) is less than data.ctx_len "
-                           f"({d.ctx_len}): not one context")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    writers = {s: _SplitWriter(data_dir, s, d.contexts_per_shard, d.ctx_len, d.shuffle_window,
-                              d.shuffle_seed) for s in SPLITS}
-    stats, next_id = {"documents": 0, "tokens": 0}, 0
-    # closing: stopping at max_tokens ends the progress bar and the document source at once
-    with contextlib.closing(_token_chunks(iter_documents(d), d.num_threads, stats)) as chunks:
-        for block in _contexts(chunks, d.ctx_len, max_contexts):       # [n, T]
-            ids = np.arange(next_id, next_id + len(block), dtype=np.int64)
-            is_val = val_mask(ids, d.val_fraction)
-            writers["train"].add(block[~is_val], ids[~is_val])
-            writers["val"].add(block[is_val], ids[is_val])
-            next_id += len(block)
-    for w in writers.values():  # the last, partial shard of each split
-        w.add(np.empty((0, d.ctx_len), np.uint16), np.empty(0, np.int64), final=True)
-    if not writers["train"].entries:
-        raise MonosemError(f"data.source {d.source!r} gave {stats['tokens']} tokens: not one "
-                           f"training context of data.ctx_len={d.ctx_len}")
-    return {s: w.summary() for s, w in writers.items()}, stats
+def load_shard(path: Path, ctx_len: int, entry: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Read one tar shard whole, checked against its manifest entry -> uint16 [n, T], int64 [n]
+    in ctx_id order; ShardError naming the shard (and member) if it is unreadable or corrupt."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise shard_error(path, f"cannot read it ({e})") from None
+    members = _plain_members(data) or _tar_members(path, data)  # tarfile judges the unusual
+    tokens, ids = [], []
+    for name, raw in members:
+        match = MEMBER.fullmatch(name)
+        if not match:
+            raise shard_error(path, f"unexpected member {name!r} (want <ctx_id:010d>.tokens.npy)")
+        tokens.append(_npy_tokens(path, name, raw, ctx_len))
+        ids.append(int(match.group(1)))
+    if len(tokens) != entry["contexts"]:
+        raise shard_error(path, f"holds {len(tokens)} contexts, manifest says "
+                                f"{entry['contexts']} (truncated?)")
+    if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise shard_error(path, "sha256 differs from the manifest (corrupt or replaced)")
+    ids_arr = np.asarray(ids, dtype=np.int64)
+    order = np.argsort(ids_arr, kind="stable")  # context order independent of the tar's order
+    return np.stack(tokens)[order] if tokens else np.zeros((0, ctx_len), np.uint16), ids_arr[order]

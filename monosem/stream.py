@@ -3,6 +3,8 @@
 Shards are split disjointly by rank x loader worker after a per-epoch shard permutation that every
 rank computes alike; contexts inside a shard follow a seeded permutation per (epoch, shard). So the
 state is a small JSON dict: per worker (epoch, shard position, offset) plus whose turn is next.
+A corrupt shard raises (or, with on_corrupt="skip", warns with) monosem.shards' one-line
+ShardError, which starts with `shard <path>`, even when it was met in a loader worker.
 
     stream = TokenStream("runs/tiny/data", "train", rank=0, world_size=1, seed=0)
     for tokens, ctx_ids in stream.batches(16):   # int64 [16, T], int64 [16]
@@ -10,11 +12,6 @@ state is a small JSON dict: per worker (epoch, shard position, offset) plus whos
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import io
-import re
-import tarfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -24,114 +21,26 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from monosem.errors import MonosemError
-from monosem.shards import read_manifest, shard_paths
+from monosem.shards import ShardError, load_shard, read_manifest, shard_paths
 
 if TYPE_CHECKING:
     from monosem.config import Config
 
 STATE_FORMAT = "monosem-stream/1"
 BLOCK = 64  # contexts per item handed from a loader worker (one per item is IPC-bound)
-MEMBER = re.compile(r"(\d{10})\.tokens\.npy")
 State = tuple[int, int, int]  # (epoch, position in the worker's shard list, offset in the shard)
-
-
-class ShardError(MonosemError):
-    """A shard is truncated, corrupt or disagrees with the manifest; the message names it."""
 
 
 def _identity(item: object) -> object:  # DataLoader collate_fn: keep numpy arrays as they are
     return item
 
 
-def _plain_members(data: bytes) -> list[tuple[str, bytes]] | None:
-    """(name, bytes) of each member of a plain ustar archive (what TarWriter writes), parsed
-    directly (tarfile costs ~80 us a member); None for anything else, which tarfile then judges."""
-    members, off = [], 0
-    while off + 512 <= len(data):
-        header = data[off:off + 512]
-        if not any(header):
-            return members  # end-of-archive block
-        try:
-            size = int(header[124:136].strip(b"\0 "), 8)
-            checksum = int(header[148:156].strip(b"\0 "), 8)
-        except ValueError:
-            return None
-        if (header[156:157] not in (b"0", b"\0") or any(header[345:500])  # plain file, short name
-                or off + 512 + size > len(data)
-                or checksum != sum(header[:148]) + 256 + sum(header[156:])):
-            return None
-        members.append((header[:100].rstrip(b"\0").decode("utf-8", "replace"),
-                        data[off + 512:off + 512 + size]))
-        off += 512 + -(-size // 512) * 512
-    return None
-
-
-def _tar_members(path: Path, data: bytes) -> list[tuple[str, bytes]]:
-    """Members via tarfile, for archives the fast parser declines; errors name the member."""
-    members, member = [], None
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    raise ShardError(f"shard {path}: member {member.name!r} is not a file")
-                members.append((member.name, tar.extractfile(member).read()))
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        where = f", member {member.name}" if member is not None else ""
-        raise ShardError(f"shard {path}{where}: truncated or corrupt ({e})") from None
-    return members
-
-
-def _npy_tokens(path: Path, name: str, raw: bytes, ctx_len: int) -> np.ndarray:
-    header = _npy_header(ctx_len)
-    if len(raw) == len(header) + 2 * ctx_len and raw.startswith(header):  # the usual case, fast
-        return np.frombuffer(raw, np.uint16, offset=len(header))
-    try:
-        arr = np.load(io.BytesIO(raw), allow_pickle=False)
-    except (ValueError, EOFError, OSError) as e:
-        raise ShardError(f"shard {path}, member {name}: not a valid .npy ({e})") from None
-    if arr.dtype != np.uint16 or arr.shape != (ctx_len,):
-        raise ShardError(f"shard {path}, member {name}: {arr.dtype} {list(arr.shape)}, "
-                         f"manifest wants uint16 [{ctx_len}]")
-    return arr
-
-
-@functools.lru_cache
-def _npy_header(ctx_len: int) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.zeros(ctx_len, np.uint16))
-    return buf.getvalue()[:-2 * ctx_len]
-
-
-def load_shard(path: Path, ctx_len: int, entry: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Read one tar shard whole, checked against its manifest entry -> uint16 [n, T], int64 [n]."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ShardError(f"shard {path}: cannot read it ({e})") from None
-    members = _plain_members(data) or _tar_members(path, data)  # tarfile judges the unusual
-    tokens, ids = [], []
-    for name, raw in members:
-        match = MEMBER.fullmatch(name)
-        if not match:
-            raise ShardError(f"shard {path}: unexpected member {name!r} "
-                             f"(want <ctx_id:010d>.tokens.npy)")
-        tokens.append(_npy_tokens(path, name, raw, ctx_len))
-        ids.append(int(match.group(1)))
-    if len(tokens) != entry["contexts"]:
-        raise ShardError(f"shard {path}: holds {len(tokens)} contexts, manifest says "
-                         f"{entry['contexts']} (truncated?)")
-    if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise ShardError(f"shard {path}: sha256 differs from the manifest (corrupt or replaced)")
-    ids_arr = np.asarray(ids, dtype=np.int64)
-    order = np.argsort(ids_arr, kind="stable")  # context order independent of the tar's order
-    return np.stack(tokens)[order] if tokens else np.zeros((0, ctx_len), np.uint16), ids_arr[order]
-
-
 class ShardReader(IterableDataset):
     """The shard plan of one rank and the reading itself; runs in-process or in DataLoader workers.
 
     Yields events (worker, kind, payload, state before, state after): kind "ctx" with a block of
-    contexts (uint16 [k, T], ctx_ids [k]) or kind "bad" with the error message of a corrupt shard.
+    contexts (uint16 [k, T], ctx_ids [k]), kind "bad" with the error message of a corrupt shard,
+    or kind "fatal" (its message) when every shard in a row was corrupt.
     Blocks end at multiples of BLOCK inside a shard, so a resumed stream cuts them the same way.
     """
 
@@ -170,8 +79,11 @@ class ShardReader(IterableDataset):
                 except ShardError as e:
                     n_bad += 1
                     if n_bad > len(self.paths):  # skipping forever would be a silent hang
-                        raise MonosemError(f"rank {self.rank} worker {worker}: the last {n_bad} "
-                                           f"shards it read were all corrupt; last: {e}") from None
+                        # an event, not a raise: DataLoader would put its own line first
+                        msg = (f"{e}; the last {n_bad} shards rank {self.rank} worker {worker} "
+                               f"read were all corrupt")
+                        yield worker, "fatal", msg, (epoch, pos, offset), done
+                        return
                     yield worker, "bad", str(e), (epoch, pos, offset), done
                     offset = 0
                     continue
@@ -268,6 +180,8 @@ class TokenStream:
         events, n = self._events(), len(self._states)
         try:
             for worker, kind, payload, (epoch, pos, offset), after in events:
+                if kind == "fatal":
+                    raise ShardError(payload)
                 if kind == "bad":
                     if self.on_corrupt == "error":
                         raise ShardError(payload)

@@ -1,30 +1,29 @@
 """Train the LM on the token shards: AdamW, warmup + cosine, data parallel, exactly resumable.
 
     monosem train-lm configs/tiny.toml [--resume]                 # one process
-    python -m monosem.train_lm configs/tiny.toml --train_lm.steps=100
-    accelerate launch --multi_gpu --num_processes 2 --main_process_port 0 -m monosem.train_lm configs/tiny.toml
+    python -m monosem train-lm configs/tiny.toml --train_lm.steps=100
+    accelerate launch --multi_gpu --num_processes 2 --main_process_port 0 -m monosem train-lm configs/tiny.toml
 
 Writes `<run_dir>/lm/step-N/` (model.safetensors + config.json, loadable with `monosem.lm.load_lm`;
-optimizer.pt, rng.pt, state.json with the stream state of every rank), `<run_dir>/lm/latest`,
-TensorBoard logs in `<run_dir>/lm/tb` and the final metrics in `<run_dir>/lm/metrics.json`.
+optimizer.pt, rank<r>.pt with each rank's stream and RNG state, state.json), `<run_dir>/lm/latest`,
+TensorBoard logs in `<run_dir>/lm/tb` and the final metrics in `<run_dir>/lm/metrics.json`. SIGTERM or
+Ctrl-C checkpoints at the next step and exits 0; `--resume` continues bit-identically.
 """
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from monosem import dist
-from monosem.checkpoint import (commit, latest_checkpoint, load_checkpoint, staging_dir, step_dir_name,
-                                write_parts)
+from monosem import checkpoint, dist, zero
+from monosem.checkpoint import latest_checkpoint, write_parts
 from monosem.config import Config, TrainLMConfig
 from monosem.errors import MonosemError
 from monosem.files import write_json_atomic
 from monosem.lm import LM, model_tensors, save_lm, weights_identity
+from monosem.loop import Run
 from monosem.stream import TokenStream
 
 
@@ -84,143 +83,123 @@ def rng_state() -> dict:
     return state
 
 
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def save(cfg: Config, step: int, model: LM, optimizer, stream: TokenStream, metrics: dict) -> Path:
-    """Checkpoint step `step`: every rank contributes its stream and RNG state, rank 0 writes."""
-    streams, rngs = dist.gather_objects(stream.state_dict()), dist.gather_objects(rng_state())
-    opt_state, root = dist.optimizer_state_dict(optimizer), cfg.lm_dir
-    if dist.is_main():
-        tmp = staging_dir(root, step)
-        write_parts(tmp, objects={"optimizer": opt_state, "rng": rngs}, config=cfg,
-                    state={"step": step, "world_size": dist.world_size(), "streams": streams,
-                           "metrics": metrics})
+    """Checkpoint step `step` (every rank): its stream and RNG state in rank<r>.pt, the weights and
+    AdamW state from rank 0."""
+    opt_state = zero.optimizer_state_dict(optimizer)
+
+    def write_main(tmp: Path) -> None:
+        write_parts(tmp, objects={"optimizer": opt_state})
         save_lm(model, cfg, tmp)  # model.safetensors + config.json: load_lm reads any step folder
-        commit(root, step, cfg.train_lm.keep_last)
-    dist.barrier()
-    return root / step_dir_name(step)
+
+    return checkpoint.save(cfg.lm_dir, step, rank_state={"stream": stream.state_dict(), "rng": rng_state()},
+                           write_main=write_main, state={"metrics": metrics}, config=cfg,
+                           keep_last=cfg.train_lm.keep_last)
 
 
-def restore(cfg: Config, model: LM, optimizer, stream: TokenStream) -> tuple[int, dict, dict]:
-    """Load the latest checkpoint into model/optimizer/stream -> (step, metrics, this rank's RNG)."""
-    path = latest_checkpoint(cfg.lm_dir)
-    ckpt = load_checkpoint(path)
-    if ckpt.state.get("world_size") != dist.world_size():
-        raise MonosemError(f"{path} was written by {ckpt.state.get('world_size')} processes; resume with "
-                           f"the same number (now {dist.world_size()})")
-    model.load_state_dict(ckpt.tensors)
-    optimizer.load_state_dict(ckpt.load_object("optimizer"))
-    stream.load_state_dict(ckpt.state["streams"][dist.rank()])
-    return ckpt.step, ckpt.state.get("metrics", {}), ckpt.load_object("rng")[dist.rank()]
-
-
-def setup(cfg: Config, resume: bool):
-    """Model, optimizer, train stream and start step (fresh, or from the latest checkpoint)."""
-    has_ckpt = latest_checkpoint(cfg.lm_dir) is not None
-    if has_ckpt and not resume:
-        raise MonosemError(f"{cfg.lm_dir} already holds LM checkpoints: pass --resume to continue, or "
-                           "remove the folder to start again")
+def setup(cfg: Config, ckpt: checkpoint.Checkpoint | None):
+    """Model, optimizer, train stream, metrics and this rank's saved RNG (fresh, or from ckpt)."""
     torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank
     model = LM(cfg.lm, cfg.data.ctx_len)
     optimizer = make_optimizer(model, cfg.train_lm)
     stream = TokenStream.from_config(cfg, "train", dist.rank(), dist.world_size())
-    step, metrics, rng = 0, {}, None
-    if has_ckpt:
-        step, metrics, rng = restore(cfg, model, optimizer, stream)
-    return model, optimizer, stream, step, metrics, rng
+    if ckpt is None:
+        return model, optimizer, stream, {}, None
+    model.load_state_dict(ckpt.tensors())
+    optimizer.load_state_dict(ckpt.load_object("optimizer"))
+    mine = ckpt.rank_state(dist.rank())
+    stream.load_state_dict(mine["stream"])
+    return model, optimizer, stream, ckpt.state.get("metrics", {}), mine["rng"]
 
 
 def train_lm(cfg: Config, resume: bool = False) -> dict:
     """Train for cfg.train_lm.steps steps; return the final metrics (train_loss, val_loss,
     unigram_entropy, lm_identity, rank_identities, ...) on every rank."""
     accelerator = dist.make_accelerator(cfg, mixed_precision="bf16" if cfg.train_lm.bf16 else "no")
-    writer = None
-    try:
-        raw, optimizer, stream, step, metrics, rng = setup(cfg, resume)
-        model, optimizer = accelerator.prepare(raw, optimizer)  # the stream is never prepared
-        if rng is not None:  # after prepare, in case preparing draws random numbers
-            torch.set_rng_state(rng["cpu"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
-        if "unigram_entropy" not in metrics:  # else: from the checkpoint, the same on every rank
-            metrics["unigram_entropy"] = unigram_entropy(cfg)
-        writer = _writer(cfg, step)
-        metrics = _loop(cfg, accelerator, raw, model, optimizer, stream, step, metrics, writer)
-    finally:
-        if writer is not None:
-            writer.close()
-        model = optimizer = None  # the DDP wrapper holds the process group: drop it before teardown
-        dist.teardown(accelerator)
+    with dist.guard(accelerator):  # a failing rank stops every rank within seconds
+        with Run(cfg.lm_dir, "train-lm", total=cfg.train_lm.steps, resume=resume) as run:
+            if run.finished:
+                return _already_done(cfg, run)
+            raw, optimizer, stream, metrics, rng = setup(cfg, run.checkpoint)
+            model, optimizer = accelerator.prepare(raw, optimizer)  # the stream is never prepared
+            if rng is not None:  # after prepare, in case preparing draws random numbers
+                set_rng_state(rng)
+            if "unigram_entropy" not in metrics:  # else: from the checkpoint, the same on every rank
+                metrics["unigram_entropy"] = unigram_entropy(cfg)
+            writer = run.writer(cfg.lm_dir / "tb")
+            metrics = _loop(cfg, run, accelerator, raw, model, optimizer, stream, metrics, writer)
+            model = optimizer = None  # the DDP wrapper holds the process group: drop it before teardown
     if dist.is_main():
         write_json_atomic(cfg.lm_dir / "metrics.json", metrics)
         _report(cfg, metrics)
     return metrics
 
 
-def _loop(cfg, accelerator, raw: LM, model, optimizer, stream, step, metrics, writer) -> dict:
+def _already_done(cfg: Config, run: Run) -> dict:
+    print(f"monosem: the LM in {cfg.lm_dir} is already trained to step {run.step} (train_lm.steps = "
+          f"{cfg.train_lm.steps}): nothing to do; raise --train_lm.steps to train further")
+    return run.checkpoint.state.get("metrics", {})
+
+
+def _loop(cfg, run: Run, accelerator, raw: LM, model, optimizer, stream, metrics, writer) -> dict:
     """The training loop; `model` is the prepared (maybe DDP-wrapped) `raw`."""
-    tc, device = cfg.train_lm, accelerator.device
+    tc, device, step = cfg.train_lm, accelerator.device, run.step
     batches = stream.batches(tc.batch_size)
     window = torch.zeros(2, dtype=torch.float64)  # [sum of step losses, steps] since the last log
-    t0 = time.perf_counter()
-    bar = tqdm(total=tc.steps, initial=step, disable=not dist.is_main(), desc="train-lm",
-               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10)  # logs: a line/10 s
-    _log(writer, step, {"val/unigram_entropy": metrics["unigram_entropy"]})
+    t0, bar = time.perf_counter(), run.progress()
+    writer.scalars(step, {"val/unigram_entropy": metrics["unigram_entropy"]})
     while step < tc.steps:
         lr = lr_at(step, tc)
-        loss = _train_step(accelerator, model, optimizer, next(batches)[0].to(device), lr, tc.grad_clip)
+        loss = _forward_backward(accelerator, model, next(batches)[0].to(device))
+        stop = run.check(step + 1, {"loss": loss})  # every rank, before the optimizer touches it
+        _optimizer_step(accelerator, model, optimizer, lr, tc.grad_clip)
         step += 1
         window += torch.tensor([loss, 1.0], dtype=torch.float64)
         bar.update(1)
         if step % tc.log_every == 0 or step == tc.steps:
             window = dist.all_reduce_sum(window)  # [.., steps x ranks]
             train_loss = (window[0] / window[1]).item()
-            if not math.isfinite(train_loss):
-                raise MonosemError(f"LM train loss is {train_loss} at step {step} (lower train_lm.lr?); "
-                                   f"last good checkpoint: {latest_checkpoint(cfg.lm_dir)}")
             tokens = window[1].item() * tc.batch_size * (cfg.data.ctx_len - 1)  # all ranks
             tokens_per_s = tokens / (time.perf_counter() - t0)
             metrics.update(step=step, train_loss=train_loss, lr=lr)
-            _log(writer, step, {"train/loss": train_loss, "train/lr": lr, "perf/tokens_per_s": tokens_per_s})
+            writer.scalars(step, {"train/loss": train_loss, "train/lr": lr, "perf/tokens_per_s": tokens_per_s})
             bar.set_postfix_str(f"loss {train_loss:.3f} lr {lr:.2e} tok/s {tokens_per_s:.0f}")
             window, t0 = torch.zeros(2, dtype=torch.float64), time.perf_counter()
         if step % tc.eval_every == 0 or step == tc.steps:
             metrics["val_loss"] = val_loss(model, cfg, device)
-            _log(writer, step, {"val/loss": metrics["val_loss"]})
-        if step % tc.ckpt_every == 0 or step == tc.steps:
+            writer.scalars(step, {"val/loss": metrics["val_loss"]})
+        if step % tc.ckpt_every == 0 or step == tc.steps or stop:
             save(cfg, step, raw, optimizer, stream, metrics)
-    bar.close()
+        writer.flush()
+        if stop:
+            run.stopped(step)
+            break
     batches.close()
     identities = dist.gather_objects(weights_identity(model_tensors(raw)))
     return {**metrics, "step": step, "lm_identity": identities[dist.rank()], "rank_identities": identities,
             "lm_path": str(latest_checkpoint(cfg.lm_dir))}
 
 
-def _train_step(accelerator, model, optimizer, tokens: torch.Tensor, lr: float, grad_clip: float) -> float:
-    """One AdamW step on next-token prediction over tokens [B, T]; returns this rank's loss."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def _forward_backward(accelerator, model, tokens: torch.Tensor) -> float:
+    """Next-token loss over tokens [B, T] and its gradients; returns this rank's loss."""
     _, loss = model(tokens[:, :-1], tokens[:, 1:])
     accelerator.backward(loss)
+    return loss.item()
+
+
+def _optimizer_step(accelerator, model, optimizer, lr: float, grad_clip: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     if grad_clip > 0:
         accelerator.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item()
-
-
-def _writer(cfg: Config, step: int):
-    if not dist.is_main():
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    # purge_step drops events a killed run logged after its last checkpoint
-    return SummaryWriter(str(cfg.lm_dir / "tb"), purge_step=step if step else None)
-
-
-def _log(writer, step: int, values: dict) -> None:
-    if writer is not None:
-        for tag, value in values.items():
-            writer.add_scalar(tag, value, step)
-        writer.flush()
 
 
 def _report(cfg: Config, m: dict) -> None:
@@ -230,14 +209,3 @@ def _report(cfg: Config, m: dict) -> None:
     print(f"LM weights: {m.get('lm_path')} (identity {m.get('lm_identity', '')[:16]}...)")
     print(f"metrics: {cfg.lm_dir / 'metrics.json'}")
     print(f"TensorBoard: tensorboard --logdir {cfg.lm_dir / 'tb'} --host 127.0.0.1")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m monosem.train_lm CONFIG [--section.key=value ...] [--resume]`."""
-    from monosem.cli import main as cli_main
-
-    return cli_main(["train-lm", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

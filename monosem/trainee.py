@@ -3,6 +3,7 @@ logging, resampling, evaluation and checkpoint operations the loop in `train_sae
 
 Several trainees share one stream of batches (a `[sweep]` over λ or n_features). Counters are local to
 a rank and reduced over ranks only when read (logging, resampling), so a step costs no extra collective.
+Everything with a tensor lives on the SAE's device (accelerator.device); checkpoints hold CPU copies.
 """
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from monosem import dist, metrics, resample, sae as sae_lib
-from monosem.checkpoint import commit, staging_dir, write_parts
+from monosem import checkpoint, dist, metrics, resample, sae as sae_lib, zero
 from monosem.config import Config, SAEConfig
 from monosem.configfile import to_toml
-from monosem.lm import lm_identity
+from monosem.errors import MonosemError
 from monosem.metrics import MetricsWriter
 
 
@@ -30,9 +30,19 @@ class Trainee:
     accelerator: object
     writer: MetricsWriter
     last_fired: torch.Tensor       # [n_features] int64: step after which each feature last fired
-    fire_counts: torch.Tensor    # [n_features] int64: fires since the start or the last resampling
+    fire_counts: torch.Tensor      # [n_features] int64: fires since the start or the last resampling
     fire_vectors: int = 0
     last: dict = field(default_factory=dict)  # loss parts of the latest step (python floats)
+
+    def state_dict(self) -> dict:
+        """This rank's counters (CPU copies: a checkpoint loads on any device)."""
+        return {"last_fired": self.last_fired.cpu(), "fire_counts": self.fire_counts.cpu(),
+                "fire_vectors": self.fire_vectors}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_fired = state["last_fired"].to(self.last_fired.device)
+        self.fire_counts = state["fire_counts"].to(self.fire_counts.device)
+        self.fire_vectors = int(state["fire_vectors"])
 
 
 def sweep(cfg: Config) -> list[tuple[str, SAEConfig]]:
@@ -45,40 +55,38 @@ def sweep(cfg: Config) -> list[tuple[str, SAEConfig]]:
             for n, l1 in itertools.product(sizes, l1s)]
 
 
-def build_trainees(cfg: Config, accelerator, ckpt, rank_state: dict) -> list[Trainee]:
-    """Create (or restore) every SAE and its Adam optimizer, prepared for data parallelism."""
-    out = []
+def build_trainees(cfg: Config, accelerator, ckpt: checkpoint.Checkpoint | None, run) -> list[Trainee]:
+    """Create (or restore) every SAE and its Adam optimizer on accelerator.device, prepared for data
+    parallelism; `run` (monosem.loop.Run) makes the TensorBoard writers."""
+    out, device = [], accelerator.device
+    rank_state = ckpt.rank_state(dist.rank()) if ckpt is not None else {}
     for name, scfg in sweep(cfg):
-        model = sae_lib.SAE(scfg)
+        model = sae_lib.SAE(scfg, sparse=cfg.train_sae.sparse, sparse_threshold=cfg.train_sae.sparse_threshold)
         if ckpt is not None:
-            model.load_state_dict(_load_tensors(ckpt.path / name))
+            model.load_state_dict(ckpt.tensors(name))
+        if model.W_enc.device != device:  # initialised on the host: the same SAE on any device
+            model = model.to(device)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.train_sae.lr)
         raw = model
         model, opt = accelerator.prepare(model, opt)
         if ckpt is not None:
-            dist.load_optimizer_state_(model, opt, torch.load(ckpt.path / name / "optimizer.pt",
-                                                              weights_only=True))
-        saved = rank_state.get("trainees", {}).get(name, {})
+            zero.load_optimizer_state_(model, opt, ckpt.load_object("optimizer", name))
         n = scfg.n_features
-        writer = MetricsWriter(cfg.sae_dir / "tb" / name, enabled=dist.is_main(),
-                               config_text=to_toml(cfg))
-        out.append(Trainee(name, scfg, raw, model, opt, accelerator, writer,
-                           saved.get("last_fired", torch.zeros(n, dtype=torch.int64)),
-                           saved.get("fire_counts", torch.zeros(n, dtype=torch.int64)),
-                           saved.get("fire_vectors", 0)))
+        writer = run.writer(cfg.sae_dir / "tb" / name, config_text=to_toml(cfg))
+        t = Trainee(name, scfg, raw, model, opt, accelerator, writer,
+                    torch.zeros(n, dtype=torch.int64, device=device),
+                    torch.zeros(n, dtype=torch.int64, device=device))
+        if f"trainee/{name}" in rank_state:
+            t.load_state_dict(rank_state[f"trainee/{name}"])
+        out.append(t)
     return out
-
-
-def _load_tensors(folder) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "model.safetensors"))
 
 
 @torch.no_grad()
 def init_from_batch(trainees: list[Trainee], x: torch.Tensor) -> None:
-    """Data-dependent init from the first batch, gathered over ranks so every rank agrees. b_dec goes
-    through dist.edit_params_: under DeepSpeed the optimizer holds its own fp32 copy of the weights."""
+    """Data-dependent init from the first batch x [B, d_in] (on the SAE's device), gathered over ranks
+    so every rank agrees. b_dec goes through zero.edit_params_: under DeepSpeed the optimizer holds its
+    own fp32 copy of the weights."""
     sample = dist.all_gather_cat(x)                                     # [B * world, d_in]
     for t in trainees:
         t.sae.init_input_scale(sample)                                  # a buffer: no master copy
@@ -86,37 +94,48 @@ def init_from_batch(trainees: list[Trainee], x: torch.Tensor) -> None:
         b_dec = t.sae.b_dec_from_data(sample)                           # [d_in] or None
         if b_dec is not None:
             dist.broadcast_(b_dec)
-            dist.edit_params_(t.model, t.opt, ["b_dec"], lambda p, s, v=b_dec: p["b_dec"].copy_(v),
+            zero.edit_params_(t.model, t.opt, ["b_dec"], lambda p, s, v=b_dec: p["b_dec"].copy_(v),
                               states=False)
 
 
-def sae_step(t: Trainee, x: torch.Tensor, step: int, cfg: Config) -> float:
-    """One optimizer step on batch x [B, d_in]; returns the loss (a python float)."""
-    ts, sae = cfg.train_sae, t.sae
-    lr = ts.lr * sae_lib.lr_factor(step, ts.steps, ts.warmup_steps, ts.decay_start)
-    for g in t.opt.param_groups:
-        g["lr"] = lr
+def forward_backward(t: Trainee, x: torch.Tensor, step: int, cfg: Config) -> float:
+    """Loss and gradients on batch x [B, d_in]; counts the features that fired. Returns the loss (a
+    python float): the loop checks it on every rank before any optimizer step."""
+    ts = cfg.train_sae
     l1_coeff = sae_lib.l1_coeff_at(step, t.cfg.l1_coeff, ts.l1_warmup_steps)
     dead = resample.dead_mask(t.last_fired, step, ts.dead_window) if t.cfg.recipe == "topk" else None
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=ts.bf16):
         out = t.model(x, l1_coeff=l1_coeff, dead_mask=dead)
     t.accelerator.backward(out.loss)  # W_dec's gradient is projected in forward; DeepSpeed steps here
-    if ts.grad_clip:
-        t.accelerator.clip_grad_norm_(t.model.parameters(), ts.grad_clip)
-    t.opt.step()
-    t.opt.zero_grad(set_to_none=True)
-    if sae.unit_norm:  # renormalise the weights wherever the engine keeps them (DeepSpeed: fp32 masters)
-        dist.edit_params_(t.model, t.opt, ["W_dec"], lambda p, s: sae_lib.normalize_columns_(p["W_dec"]),
-                          states=False)
     with torch.no_grad():
         active = out.f > 0                                              # [B, n_features]
-        t.last_fired[active.any(0).cpu()] = step + 1
-        t.fire_counts += active.sum(0).cpu()
+        t.last_fired[active.any(0)] = step + 1
+        t.fire_counts += active.sum(0)
         t.fire_vectors += x.shape[0]
         t.last = {"loss": out.loss.item(), "mse": out.mse.item(), "l1": out.l1.item(),
                   "aux": float(out.aux), "l0": metrics.l0(out.f),
+                  "sparse_step": float(t.sae.last_path == "sparse"),  # which path ran (train_sae.sparse)
                   "fvu": metrics.fvu(x.float(), out.x_hat.float())}
     return t.last["loss"]
+
+
+def optimizer_step(t: Trainee, step: int, cfg: Config) -> None:
+    """Adam at the scheduled LR, then the decoder renormalisation (wherever the engine keeps weights)."""
+    ts = cfg.train_sae
+    lr = ts.lr * sae_lib.lr_factor(step, ts.steps, ts.warmup_steps, ts.decay_start)
+    for g in t.opt.param_groups:
+        g["lr"] = lr
+    if ts.grad_clip:
+        t.accelerator.clip_grad_norm_(t.model.parameters(), ts.grad_clip)
+    try:
+        t.opt.step()
+    except RuntimeError as e:  # e.g. an LR so large that Adam's step size overflows float32
+        raise MonosemError(f"{t.name}: the optimizer step failed at step {step + 1} with train_sae.lr = "
+                           f"{ts.lr:g} (lr now {lr:g}): {str(e).splitlines()[0]}") from None
+    t.opt.zero_grad(set_to_none=True)
+    if t.sae.unit_norm:  # renormalise the weights wherever the engine keeps them (DeepSpeed: fp32 masters)
+        zero.edit_params_(t.model, t.opt, ["W_dec"], lambda p, s: sae_lib.normalize_columns_(p["W_dec"]),
+                          states=False)
 
 
 def log_metrics(trainees: list[Trainee], step: int, cfg: Config, buffer_stats: dict,
@@ -132,8 +151,8 @@ def log_metrics(trainees: list[Trainee], step: int, cfg: Config, buffer_stats: d
     for t in trainees:
         keys = sorted(t.last)
         parts = dist.all_reduce_sum(torch.tensor([t.last[k] for k in keys], dtype=torch.float64))
-        last_fired = dist.all_reduce_max(t.last_fired.clone())
-        counts = dist.all_reduce_sum(t.fire_counts.clone())
+        last_fired = dist.all_reduce_max(t.last_fired.clone()).cpu()
+        counts = dist.all_reduce_sum(t.fire_counts.clone()).cpu()
         n_vectors = t.fire_vectors * world
         dead = resample.dead_mask(last_fired, step, cfg.train_sae.dead_window)
         density = (metrics.dead_and_ultralow(counts, n_vectors, ~dead) if n_vectors else
@@ -165,14 +184,14 @@ def resample_dead(t: Trainee, reservoir: resample.Reservoir, step: int, cfg: Con
     dead_idx = dead.nonzero().squeeze(1)                                  # [n_dead]
     if len(dead_idx):
         x = reservoir.tensor().to(next(sae.parameters()).device)         # [N_rank, d_in]
-        with dist.gathered_params(t.model):                             # ZeRO-3: collective
+        with zero.gathered_params(t.model):                             # ZeRO-3: collective
             l1_coeff = sae_lib.l1_coeff_at(step, t.cfg.l1_coeff, ts.l1_warmup_steps)  # as trained now
             losses = resample.resample_losses(sae, x, l1_coeff, terms=t.cfg.resample_loss)
-        gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
+        gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)  # on the CPU: same on any device
         inputs = dist.gather_chosen(losses, x, lambda all_losses: resample.choose_inputs(
-            all_losses, len(dead_idx), ts.resample_power, gen))        # [n_dead, d_in]
+            all_losses.cpu(), len(dead_idx), ts.resample_power, gen))  # [n_dead, d_in]
         # weights and their Adam rows, wherever the engine keeps them (ZeRO: gathered, written back)
-        dist.edit_params_(t.model, t.opt, list(resample.RESAMPLED_PARAMS),
+        zero.edit_params_(t.model, t.opt, list(resample.RESAMPLED_PARAMS),
                           lambda p, s: resample.resample_params_(p, s, dead_idx, inputs))
         t.last_fired[dead_idx] = step
     t.fire_counts.zero_()  # densities restart: resampled features begin anew
@@ -187,7 +206,7 @@ def eval_loss_recovered(trainees: list[Trainee], lm, cfg: Config, step: int,
     """Loss recovered on held-out contexts, on rank 0 (the others carry on)."""
     if not dist.is_main():
         for t in trainees:  # ZeRO-3 gathers the SAE's weights collectively: take part, carry on
-            with dist.gathered_params(t.model):
+            with zero.gathered_params(t.model):
                 pass
         return {}
     key = (str(cfg.data_dir), cfg.train_sae.eval_contexts)
@@ -201,37 +220,42 @@ def eval_loss_recovered(trainees: list[Trainee], lm, cfg: Config, step: int,
         sae = t.sae
         # [b*t, d_mlp] -> same; in the SAE's own dtype (DeepSpeed bf16 keeps bf16 weights in the module)
         reconstruct = lambda h: sae.reconstruct(h.to(sae.W_dec.dtype)).to(h.dtype)  # noqa: E731
-        with dist.gathered_params(t.model):
-            r = metrics.loss_recovered(lm, tokens.to(next(lm.parameters()).device), reconstruct)
+        with zero.gathered_params(t.model):
+            r = metrics.loss_recovered(lm, tokens.to(sae.W_dec.device), reconstruct)
         values = {f"eval/{k}": float(v) for k, v in r.items()}
         t.writer.scalars(step, values)
         out |= {f"{t.name}/{k}": v for k, v in values.items()}
     return out
 
 
-def save_all(cfg: Config, step: int, trainees: list[Trainee], reservoir: resample.Reservoir,
-             buffer) -> None:
-    """Every rank stages its own state; rank 0 stages the weights and commits the step folder.
-    (Multi-node runs need the run folder on a shared filesystem.)"""
-    tmp = staging_dir(cfg.sae_dir, step)
-    per_rank = {"buffer": buffer.state_dict(), "reservoir": reservoir.state_dict(),
-                "trainees": {t.name: {"last_fired": t.last_fired, "fire_counts": t.fire_counts,
-                                      "fire_vectors": t.fire_vectors} for t in trainees}}
-    dist.barrier()
-    write_parts(tmp, objects={f"rank{dist.rank()}": per_rank})
-    # full weights and Adam state (under ZeRO gathered from the partitions: every rank takes part)
-    opt_states = [dist.optimizer_state_dict(t.opt, t.model) for t in trainees]
-    weights = [dist.model_state_dict(t.model) for t in trainees]
-    if dist.is_main():
+def save_all(cfg: Config, step: int, trainees: list[Trainee], parts: dict) -> None:
+    """Checkpoint every trainee (weights + Adam state on rank 0, gathered from ZeRO partitions by every
+    rank) and every rank's stateful `parts` (buffer, reservoir) and counters. Refuses non-finite weights,
+    so the last good checkpoint stays the latest."""
+    bad = [t.name for t in trainees if not all(torch.isfinite(p).all() for p in t.sae.parameters())]
+    if dist.any_flags([bool(bad)])[0]:
+        raise MonosemError(f"weights are not finite after step {step} ({bad or 'on another rank'}): not "
+                           f"saved; last good checkpoint: {checkpoint.latest_checkpoint(cfg.sae_dir)}")
+    rank_state = {name: part.state_dict() for name, part in parts.items()}
+    rank_state |= {f"trainee/{t.name}": t.state_dict() for t in trainees}
+    opt_states = [zero.optimizer_state_dict(t.opt, t.model) for t in trainees]
+    weights = [zero.model_state_dict(t.model) for t in trainees]
+
+    def write_main(tmp) -> None:
         for t, opt_state, tensors in zip(trainees, opt_states, weights):
-            write_parts(tmp / t.name, tensors=tensors, objects={"optimizer": opt_state})
+            checkpoint.write_parts(tmp / t.name, tensors=tensors, objects={"optimizer": opt_state})
             meta = {**t.sae.cfg_json(), "name": t.name, "step": step, "hook": "mlp_post",
-                    "hook_layer": cfg.lm.hook_layer, "lm_identity": lm_identity(cfg.lm_dir)}
+                    "hook_layer": cfg.lm.hook_layer, "lm_identity": cfg_lm_identity(cfg)}
             (tmp / t.name / "cfg.json").write_text(json.dumps(meta, indent=2) + "\n")
-        write_parts(tmp, state={"step": step, "world_size": dist.world_size(),
-                                "saes": [t.name for t in trainees],
-                                "zero_stage": dist.zero_stage(trainees[0].model)}, config=cfg)
-    dist.barrier()
-    if dist.is_main():
-        commit(cfg.sae_dir, step, cfg.train_sae.keep_last)
-    dist.barrier()
+
+    checkpoint.save(cfg.sae_dir, step, rank_state=rank_state, write_main=write_main,
+                    state={"saes": [t.name for t in trainees], "lm_identity": cfg_lm_identity(cfg),
+                           "zero_stage": zero.zero_stage(trainees[0].model)},
+                    config=cfg, keep_last=cfg.train_sae.keep_last)
+
+
+def cfg_lm_identity(cfg: Config) -> str:
+    """The identity of the frozen LM the SAEs read (recorded with every checkpoint, checked on resume)."""
+    from monosem.lm import lm_identity
+
+    return lm_identity(cfg.lm_dir)

@@ -5,10 +5,10 @@ tests/test_deepspeed.py (writes OUT/rank<r>.pt; the test compares it to its own 
         --main_process_port 0 tests/ds_edit.py OUT 3 [SRC.pt]
 
 Without SRC: 3 steps of an anthropic-2023 SAE on a global batch split over the ranks (decoder
-renormalised through dist.edit_params_), a resampling through dist.edit_params_ +
+renormalised through zero.edit_params_), a resampling through zero.edit_params_ +
 resample.resample_params_, one more step. With SRC ({"weights", "opt_state"}): a resumed engine
-(weights loaded before prepare, Adam state through dist.load_optimizer_state_), one step. Then the full
-weights / Adam state gathered by dist.model_state_dict / optimizer_state_dict. (One DeepSpeed engine per
+(weights loaded before prepare, Adam state through zero.load_optimizer_state_), one step. Then the full
+weights / Adam state gathered by zero.model_state_dict / optimizer_state_dict. (One DeepSpeed engine per
 process: a second ZeRO engine in the same process fails in its first backward.)
 """
 import sys
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from monosem import dist, resample
+from monosem import dist, resample, zero
 from monosem import sae as sae_lib
 from monosem.config import Config, SAEConfig
 
@@ -44,7 +44,7 @@ def step(accelerator, model, opt, x: torch.Tensor) -> float:
     accelerator.backward(out.loss)   # under DeepSpeed: backward + step + zero_grad
     opt.step()
     opt.zero_grad()
-    dist.edit_params_(model, opt, ["W_dec"], lambda p, s: sae_lib.normalize_columns_(p["W_dec"]),
+    zero.edit_params_(model, opt, ["W_dec"], lambda p, s: sae_lib.normalize_columns_(p["W_dec"]),
                       states=False)
     return out.loss.item()
 
@@ -61,19 +61,19 @@ def setup(out_dir: str, stage: int):
 
 
 def train(accelerator, model, opt) -> dict:
-    before_step = dist.optimizer_state_dict(opt, model)      # no Adam state yet
+    before_step = zero.optimizer_state_dict(opt, model)      # no Adam state yet
     losses = [step(accelerator, model, opt, data(s)) for s in range(3)]
     inputs = data(99)[: len(DEAD)]
-    dist.edit_params_(model, opt, list(resample.RESAMPLED_PARAMS),
+    zero.edit_params_(model, opt, list(resample.RESAMPLED_PARAMS),
                       lambda p, s: resample.resample_params_(p, s, DEAD, inputs))
-    resampled = dist.optimizer_state_dict(opt, model)
+    resampled = zero.optimizer_state_dict(opt, model)
     losses.append(step(accelerator, model, opt, data(3)))
     return {"before_step": before_step, "resampled": resampled, "losses": losses}
 
 
 def resume(accelerator, model, opt, src: dict) -> dict:
-    dist.load_optimizer_state_(model, opt, src["opt_state"])
-    reloaded = dist.optimizer_state_dict(opt, model)
+    zero.load_optimizer_state_(model, opt, src["opt_state"])
+    reloaded = zero.optimizer_state_dict(opt, model)
     return {"reloaded": reloaded, "losses": [step(accelerator, model, opt, data(4))]}
 
 
@@ -81,11 +81,11 @@ def main(out_dir: str, stage: int, src_path: str | None) -> None:
     accelerator = setup(out_dir, stage)
     src = torch.load(src_path, weights_only=True) if src_path else None
     model, opt = build(accelerator, src["weights"] if src else None)
-    assert dist.zero_stage(model) == stage and accelerator.num_processes == 2
+    assert zero.zero_stage(model) == stage and accelerator.num_processes == 2
     record = resume(accelerator, model, opt, src) if src else train(accelerator, model, opt)
-    record |= {"weights": dist.model_state_dict(model), "opt_state": dist.optimizer_state_dict(opt, model),
-               "stage": dist.zero_stage(model), "world": accelerator.num_processes}
-    with dist.gathered_params(model) as module:     # the forward's own copy, gathered
+    record |= {"weights": zero.model_state_dict(model), "opt_state": zero.optimizer_state_dict(opt, model),
+               "stage": zero.zero_stage(model), "world": accelerator.num_processes}
+    with zero.gathered_params(model) as module:     # the forward's own copy, gathered
         record["forward_copy"] = {n: p.detach().clone() for n, p in module.named_parameters()}
     torch.save(record, Path(out_dir) / f"rank{dist.rank()}.pt")
     del model, opt

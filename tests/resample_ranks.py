@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from monosem import dist, resample, trainee
+from monosem import dist, resample, trainee, zero
 from monosem.configfile import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,8 +47,8 @@ def planted_last_fired(sets: dict, rank: int, step: int, n_features: int) -> tor
 
 def snapshot(t: trainee.Trainee) -> dict:
     """Copies (never views) of the SAE weights, the Adam state and the fire counters."""
-    return {"sae": dist.model_state_dict(t.model),
-            "opt": copy.deepcopy(dist.optimizer_state_dict(t.opt, t.model)),
+    return {"sae": zero.model_state_dict(t.model),
+            "opt": copy.deepcopy(zero.optimizer_state_dict(t.opt, t.model)),
             "last_fired": t.last_fired.clone(), "fire_counts": t.fire_counts.clone()}
 
 
@@ -99,7 +99,7 @@ def exercise(cfg, accelerator) -> dict:
         n = trainee.resample_dead(t, reservoir, step, cfg)
         post = snapshot(t)
         trainee.sae_step(t, synthetic(2, rank, 0, ts.batch_size, cfg.sae.d_in), step, cfg)
-        after = dist.model_state_dict(t.model)
+        after = zero.model_state_dict(t.model)
         dump["trainees"][t.name] = {"planted": sets, "pre": pre, "post": post, "after_step": after,
                                     "n_resampled": n, **record[t.name]}
     for t in trainees:

@@ -10,8 +10,7 @@ from pathlib import Path
 
 from monosem import dist
 from monosem.configfile import load_config
-from monosem.shards import read_manifest, shard_paths
-from monosem.stream import load_shard
+from monosem.shards import load_shard, read_manifest, shard_paths
 from monosem.train_sae import train
 
 

@@ -6,17 +6,20 @@ import gc
 import io
 import multiprocessing
 import os
+import re
+import resource
 import time
 
 import pytest
 import torch
 
+import monosem.buffer
 from monosem.buffer import STATE_FORMAT, ActivationBuffer
 from monosem.config import Config, ConfigError
 from monosem.errors import MonosemError
 from monosem.pool import shuffle_stats
-from monosem.producer import (DTYPES, SLOTS, VECTORS, WAITING, SyntheticSource, keep_positions,
-                              synthetic_vectors)
+from monosem.producer import SyntheticSource, synthetic_vectors
+from monosem.segment import DTYPES, SLOTS, VECTORS, WAITING, Staging, check_room
 
 D, T = 16, 8
 
@@ -26,6 +29,7 @@ def make_cfg(**buffer) -> Config:
     cfg.sae.d_in, cfg.data.ctx_len = D, T
     cfg.buffer.slot_vectors, cfg.buffer.n_slots, cfg.buffer.pool_size = 32, 3, 128
     cfg.buffer.timeout_s = 2.0
+    cfg.train_sae.batch_size = 40
     for k, v in buffer.items():
         setattr(cfg.buffer, k, v)
     return cfg
@@ -46,26 +50,30 @@ def no_leftovers():
     assert multiprocessing.active_children() == []
 
 
-def expected_ids(n_contexts: int, k: int, seed: int = 0) -> list[int]:
-    return sorted(c * T + p for c in range(n_contexts) for p in keep_positions(seed, c, T, k).tolist())
+def check_every_context_once(ids: torch.Tensor, n_contexts: int, k: int) -> None:
+    """ids hold, for each of the n contexts, k distinct positions (all T if k is 0), each once. Derived
+    from the source's contract, not from the function that picks the positions."""
+    assert len(set(ids.tolist())) == len(ids)                                     # nothing twice
+    per_ctx = torch.bincount(ids // T, minlength=n_contexts)
+    assert per_ctx.tolist() == [k or T] * n_contexts                                # nothing lost
 
 
 def drain(buf: ActivationBuffer, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x, ids) for x, ids in buf.batches(batch_size)]
 
 
-@pytest.mark.parametrize("dtype,k,spare", [("fp32", 0, 1.0), ("bf16", 5, 1.0), ("fp16", 0, 1.0),
-                                           ("fp32", 0, 0.0)])
-def test_every_vector_exactly_once_with_its_own_values(dtype, k, spare):
+@pytest.mark.parametrize("dtype,k,spare,device", [("fp32", 0, 1.0, None), ("bf16", 5, 1.0, "cpu"),
+                                                  ("fp16", 0, 1.0, None), ("fp32", 0, 0.0, "cpu")])
+def test_every_vector_exactly_once_with_its_own_values(dtype, k, spare, device):
     cfg, n_ctx, B = make_cfg(dtype=dtype, tokens_per_context=k, spare_fraction=spare), 61, 40
     with ActivationBuffer(cfg, rank=0, world_size=1, source=source(cfg, n_ctx), loop=False) as buf:
-        batches = drain(buf, B)
+        batches = list(buf.batches(B, device))
         with pytest.raises(StopIteration):
             buf.next_batch(B)
         moved = buf.stats()["vectors_moved"]
     assert moved > 0 or spare > 0                               # no spare block: rows must move
     ids = torch.cat([i for _, i in batches])
-    assert sorted(ids.tolist()) == expected_ids(n_ctx, k)      # the multiset: all, each once
+    check_every_context_once(ids, n_ctx, k)
     assert all(len(i) == B for _, i in batches[:-1]) and 0 < len(batches[-1][1]) <= B
     for x, i in batches:
         assert len(set(i.tolist())) == len(i)                    # without replacement
@@ -165,3 +173,50 @@ def test_config_errors_name_the_field():
     state = {"format": STATE_FORMAT, "dtype": "fp16", "d_in": D}
     with pytest.raises(ConfigError, match="buffer.dtype"):
         ActivationBuffer(make_cfg(), rank=0, world_size=1, source=source(make_cfg(), 1), state=state)
+
+
+def test_huge_pool_size_is_refused_before_anything_is_allocated(monkeypatch):
+    class NoPool(monosem.buffer.Pool):
+        def __init__(self, *args):
+            raise AssertionError("the pool's bookkeeping was allocated before the room check")
+
+    class NoSegment(monosem.buffer.SharedPool):
+        def __init__(self, *args):
+            raise AssertionError("the segment was created before the room check")
+    monkeypatch.setattr(monosem.buffer, "Pool", NoPool)
+    monkeypatch.setattr(monosem.buffer, "SharedPool", NoSegment)
+    cfg = make_cfg(pool_size=1_000_000_000)   # ~2e9 rows: 150 GB of segment, 24 GB of bookkeeping
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss                    # KiB, peak so far
+    with pytest.raises(MonosemError) as e:
+        ActivationBuffer(cfg, rank=0, world_size=1, source=source(cfg, 1))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 100 * 1024
+    msg = str(e.value)
+    assert "buffer.pool_size = 1000000000" in msg and "/dev/shm has" in msg
+    free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
+    needed, shown_free = (int(m.replace(",", "")) for m in re.findall(r"([\d,]+) bytes \(", msg))
+    assert needed > 1e11 and abs(shown_free - free) < 2**30
+
+
+def test_bookkeeping_that_does_not_fit_in_memory_is_refused():
+    with pytest.raises(MonosemError, match=r"buffer.pool_size = 7 needs 1,152,921,504,606,846,976 bytes "
+                                           r".* of host memory for the shuffle pool's bookkeeping"):
+        check_room(0, 2**60, pool_size=7)
+    check_room(0, 1024, pool_size=7)  # fits: no error
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_staging_gathers_the_drawn_rows_as_float32(dtype):
+    acts = torch.randn(50, D).to(DTYPES[dtype])                 # [R, d_in] like the segment
+    rows, staging = torch.tensor([7, 3, 49, 0, 3]), Staging()
+    x = staging.gather(acts, rows, torch.device("cpu"))
+    assert x.dtype == torch.float32 and torch.equal(x, acts[rows].float())
+    assert staging.host == [None, None]                          # the host needs no staging copy
+
+
+def test_unexpected_producer_error_keeps_its_traceback():
+    cfg = make_cfg()
+    bad = SyntheticSource(D, T, n_contexts=5, dtype="fp64")         # not a storage dtype: KeyError
+    buf = ActivationBuffer(cfg, rank=0, world_size=1, source=bad, loop=False)
+    with pytest.raises(MonosemError, match=r"(?s)producer of rank 0 failed:\nTraceback.*KeyError: 'fp64'"):
+        drain(buf, 40)
+    assert not buf.proc.is_alive()

@@ -19,7 +19,7 @@ def test_save_load_roundtrip_and_prune(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step-000030"
     ck = load_checkpoint(tmp_path)
     assert ck.step == 30 and ck.state["rng"] == [1, 2]
-    assert torch.equal(ck.tensors["w"], w * 30)
+    assert torch.equal(ck.tensors()["w"], w * 30)
     assert torch.equal(ck.load_object("optimizer")["state"][0]["exp_avg"], torch.ones(2))
     assert (ck.path / "config.toml").read_text().startswith("[run]")
 
@@ -31,7 +31,7 @@ def test_crash_mid_save_keeps_last_good(tmp_path):
     tmp.mkdir()
     (tmp / "model.safetensors").write_bytes(b"half")
     ck = load_checkpoint(tmp_path)
-    assert ck.step == 1 and torch.equal(ck.tensors["w"], torch.zeros(2))
+    assert ck.step == 1 and torch.equal(ck.tensors()["w"], torch.zeros(2))
     save_checkpoint(tmp_path, 2, tensors={"w": torch.ones(2)})
     assert not tmp.exists() and load_checkpoint(tmp_path).step == 2
 
@@ -42,7 +42,7 @@ def test_errors_name_the_file(tmp_path):
     p = save_checkpoint(tmp_path, 5, tensors={"w": torch.zeros(2)})
     (p / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(MonosemError, match="model.safetensors"):
-        load_checkpoint(p)
+        load_checkpoint(p).tensors()
     (p / "state.json").write_text("{")
     with pytest.raises(MonosemError, match="state.json"):
         load_checkpoint(p)

@@ -71,7 +71,7 @@ def train_sae(root: Path, launcher: list[str], name: str, *extra: str, **env: st
         lm.parent.mkdir(parents=True, exist_ok=True)
         lm.symlink_to(root / "base" / "lm")
     args = overrides(root, name, *extra)
-    run([*launcher, "-m", "monosem.train_sae", str(REPO / "configs/tiny.toml"), *args],
+    run([*launcher, "-m", "monosem", "train-sae", str(REPO / "configs/tiny.toml"), *args],
         launch_env(root, **env))
     return load_config(REPO / "configs/tiny.toml", [a for a in args if a != "--resume"])
 

@@ -69,3 +69,10 @@ def test_draws_are_uniform_subsets_in_random_order(n, k):
     mean = draws * k / n                                   # binomial: sd = sqrt(mean (1 - k/n))
     assert np.abs(counts - mean).max() < 5 * (mean * (1 - k / n)) ** 0.5
     assert np.abs(firsts - draws / n).max() < 5 * (draws / n) ** 0.5
+
+
+def test_a_released_block_is_lent_again_first():
+    pool = Pool(64, 16, 8)
+    lent = [pool.free_block(None, None) for _ in range(3)]              # free blocks: nothing moves
+    pool.release(lent[1])                                                # came back unfilled
+    assert pool.free_block(None, None) == lent[1] and pool.n == 0 and pool.moved == 0

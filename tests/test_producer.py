@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from monosem.buffer import ActivationBuffer
 from monosem.config import Config
@@ -24,7 +25,7 @@ from monosem.configfile import load_config, save_config
 from monosem.errors import MonosemError
 from monosem.files import write_json_atomic
 from monosem.lm import LM, load_lm, save_lm
-from monosem.producer import keep_positions
+from monosem.producer import keep_positions, producer_device
 from monosem.shards import write_shards
 
 T, N_CTX, PER_SHARD, D_MLP = 16, 24, 4, 32
@@ -52,6 +53,7 @@ def run(tmp_path_factory):
     cfg.lm.d_model, cfg.lm.n_head, cfg.lm.d_mlp, cfg.sae.d_in = 16, 2, D_MLP, D_MLP
     b = cfg.buffer
     b.slot_vectors, b.n_slots, b.pool_size, b.producer_batch, b.timeout_s = 64, 3, 192, 3, 2.0
+    cfg.train_sae.batch_size = 50
     contexts = np.random.default_rng(0).integers(0, 50257, (N_CTX, T)).astype(np.uint16)
     write_data(cfg.data_dir, contexts)
     torch.manual_seed(0)
@@ -75,15 +77,78 @@ def make_buffer(cfg: Config, **kw) -> ActivationBuffer:
     return ActivationBuffer(cfg, rank=0, world_size=1, lm_path=cfg.lm_dir, data_dir=cfg.data_dir, **kw)
 
 
+def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-5) * w + b
+
+
+def mlp_acts_float64(lm_dir: Path, tokens: np.ndarray) -> torch.Tensor:
+    """The hook layer's MLP post-activation [N, T, d_mlp], written out in float64 from the saved weights
+    (embeddings, pre-LN causal attention, MLP), independent of monosem.lm's modules."""
+    lm = load_lm(lm_dir)
+    w = {k: v.double() for k, v in lm.state_dict().items()}
+    tok = torch.from_numpy(tokens.astype(np.int64))
+    N, L, H = *tok.shape, lm.cfg.n_head
+    x = w["wte.weight"][tok] + w["wpe.weight"][:L]                         # [N, T, C]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    for i in range(lm.hook + 1):
+        p = lambda name: w[f"blocks.{i}.{name}"]  # noqa: E731
+        h = layer_norm(x, p("ln_1.weight"), p("ln_1.bias"))
+        q, k, v = (h @ p("attn.c_attn.weight").T + p("attn.c_attn.bias")).chunk(3, dim=-1)
+        q, k, v = (t.reshape(N, L, H, -1).transpose(1, 2) for t in (q, k, v))   # [N, H, T, hd]
+        att = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(N, L, -1)
+        x = x + y @ p("attn.c_proj.weight").T + p("attn.c_proj.bias")
+        pre = layer_norm(x, p("ln_2.weight"), p("ln_2.bias")) @ p("mlp.W_in.weight").T + p("mlp.W_in.bias")
+        acts = F.gelu(pre) if lm.cfg.activation == "gelu" else pre.clamp(min=0)   # [N, T, d_mlp]
+        x = x + acts @ p("mlp.W_out.weight").T + p("mlp.W_out.bias")
+    return acts
+
+
 def test_one_epoch_every_activation_once_equal_to_float64_lm(run):
     cfg, contexts = run
     with make_buffer(cfg, loop=False) as buf:
         batches = list(buf.batches(50))
     x, ids = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     assert sorted(ids.tolist()) == list(range(N_CTX * T))
-    lm64 = load_lm(cfg.lm_dir).double()
-    ref = lm64.mlp_acts(torch.from_numpy(contexts.astype(np.int64)))       # [N, T, d_mlp] float64
+    ref = mlp_acts_float64(cfg.lm_dir, contexts)                            # [N, T, d_mlp] float64
     torch.testing.assert_close(x.double(), ref[ids // T, ids % T], rtol=1e-5, atol=1e-6)
+
+
+def test_subsampled_path_equals_float64_lm_at_the_positions_the_ids_name(run):
+    cfg, contexts = run
+    k = 5
+    cfg = load_config(cfg.run_dir / "config.toml", [f"--buffer.tokens_per_context={k}"])
+    with make_buffer(cfg, loop=False) as buf:
+        batches = list(buf.batches(50))
+    x, ids = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    ctx, pos = ids // T, ids % T
+    assert len(set(ids.tolist())) == len(ids) == N_CTX * k                 # each once
+    assert torch.bincount(ctx, minlength=N_CTX).tolist() == [k] * N_CTX      # k distinct per context
+    subsets = {tuple(sorted(pos[ctx == c].tolist())) for c in range(N_CTX)}
+    assert len(subsets) > N_CTX // 2                                          # not the same k everywhere
+    ref = mlp_acts_float64(cfg.lm_dir, contexts)                             # [N, T, d_mlp] float64
+    assert not torch.allclose(ref[:, 0], ref[:, 1])                          # positions are told apart
+    torch.testing.assert_close(x.double(), ref[ctx, pos], rtol=1e-5, atol=1e-6)
+
+
+def test_keep_positions_draws_k_distinct_uniform_positions():
+    n, L, k = 24000, 16, 5
+    subsets = [keep_positions(7, c, L, k).tolist() for c in range(n)]
+    assert all(len(set(s)) == k and s == sorted(s) and 0 <= s[0] and s[-1] < L for s in subsets)
+    # one position: Binomial(n, k/L) counts; chi-square over the L positions, variance-corrected
+    counts = np.bincount(np.concatenate(subsets), minlength=L)
+    e, q = n * k / L, k / L
+    assert ((counts - e) ** 2 / (e * (1 - q))).sum() < 60            # 15 dof: p < 1e-6 past 60
+    # pairs: every one of the C(L, 2) pairs equally likely (rules out e.g. runs of k neighbours)
+    pairs = np.zeros((L, L))
+    for s in subsets:
+        pairs[np.ix_(s, s)] += 1
+    pair_counts, e2 = pairs[np.triu_indices(L, 1)], n * k * (k - 1) / (L * (L - 1))
+    assert ((pair_counts - e2) ** 2 / e2).sum() < 250                # 119 dof: p < 1e-10 past 250
+    assert keep_positions(8, 0, L, k).tolist() != subsets[0] or keep_positions(8, 1, L, k).tolist() != subsets[1]
+    assert keep_positions(7, 3, L, 0).tolist() == list(range(L)) == keep_positions(7, 3, L, L).tolist()
 
 
 def test_subsampled_resume_is_bit_identical(run):
@@ -98,8 +163,8 @@ def test_subsampled_resume_is_bit_identical(run):
                 f = io.BytesIO()
                 torch.save(buf.state_dict(), f)
     ids = torch.cat([i for _, i in full])
-    assert sorted(ids.tolist()) == sorted(c * T + p for c in range(N_CTX)
-                                          for p in keep_positions(cfg.run.seed, c, T, 5).tolist())
+    assert len(set(ids.tolist())) == len(ids)
+    assert torch.bincount(ids // T, minlength=N_CTX).tolist() == [5] * N_CTX
     state = torch.load(io.BytesIO(f.getvalue()), weights_only=True)
     with make_buffer(cfg, loop=False, state=state) as buf:
         rest = list(buf.batches(B))
@@ -122,20 +187,28 @@ def test_two_ranks_read_disjoint_halves_under_torchrun(run, tmp_path):
     assert not a & b and a | b == set(range(N_CTX * T))
 
 
-def test_producer_exception_reaches_consumer_with_traceback(run, tmp_path):
+def test_corrupt_shard_is_one_line_naming_the_shard(run, tmp_path):
     cfg, _ = run
     shutil.copytree(cfg.run_dir, tmp_path / "p")
     bad = tmp_path / "p" / "data" / "train-000002.tar"
     bad.write_bytes(bad.read_bytes()[:700])  # truncated
     cfg = load_config(tmp_path / "p" / "config.toml", [f"--run.root={tmp_path}"])
     buf = make_buffer(cfg, loop=False)
-    with pytest.raises(MonosemError, match=r"(?s)producer of rank 0 failed:.*Traceback.*"
-                                           r"ShardError.*train-000002\.tar"):
+    with pytest.raises(MonosemError) as e:
         list(buf.batches(50))
-    assert not buf.proc.is_alive()
+    assert str(bad) in str(e.value) and "truncated or corrupt" in str(e.value)
+    assert "Traceback" not in str(e.value) and "\n" not in str(e.value)
+    assert not buf.proc.is_alive() and buf.proc.exitcode == 1
 
 
-def test_sigkilled_producer_is_an_error_not_a_hang(run):
+def test_producer_is_named_in_proc_comm(run):
+    cfg, _ = run
+    with make_buffer(cfg) as buf:
+        buf.next_batch(50)  # data has flowed: the producer named itself first thing
+        assert Path(f"/proc/{buf.proc.pid}/comm").read_text().strip() == "monosem-prod-0"
+
+
+def test_sigkilled_producer_is_noticed_within_timeout_s(run):
     cfg, _ = run
     buf = make_buffer(cfg)
     buf.next_batch(50)
@@ -144,7 +217,8 @@ def test_sigkilled_producer_is_an_error_not_a_hang(run):
     with pytest.raises(MonosemError, match="killed by signal 9"):
         for _ in range(1000):  # the pool and ring drain, then the consumer must notice
             buf.next_batch(50)
-    print(f"SIGKILL noticed after {time.monotonic() - t0:.2f} s (timeout_s {cfg.buffer.timeout_s})")
+    noticed_s = time.monotonic() - t0
+    assert noticed_s < cfg.buffer.timeout_s + 1.0, f"noticed after {noticed_s:.2f} s"
 
 
 CONSUMER = """
@@ -191,3 +265,13 @@ def test_dead_consumer_stops_its_producer_and_frees_the_segment(run, how):
     finally:
         consumer.kill()
         consumer.wait()
+
+
+def test_producer_device_is_the_local_rank_gpu(monkeypatch):
+    assert producer_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert producer_device("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)       # the mapping, without a GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert producer_device("auto") == "cuda:1" and producer_device("cpu") == "cpu"

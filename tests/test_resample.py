@@ -2,6 +2,8 @@
 
     OMP_NUM_THREADS=1 python -m pytest -q -x tests/test_resample.py
 """
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -272,3 +274,56 @@ def test_planted_dead_features_are_found_and_revived():
     idx = choose_inputs(resample_losses(sae, pool), int(dead.sum()), 2.0, torch.Generator().manual_seed(0))
     resample_(sae, opt.state, dead.nonzero()[:, 0], pool[idx])
     assert fired(sae(pool[idx]).f)[planted].all()  # each revived feature fires on its own input
+
+
+# ---- the fix: centred directions, and a per-row Adam warm-up ----------------------------------
+def test_centred_directions_point_at_what_the_encoder_reads():
+    sae, opt = trained_sae_and_adam()
+    dead = torch.tensor([2, 11])
+    x = torch.rand(2, D_IN, generator=torch.Generator().manual_seed(6), dtype=torch.float64) + 1.0
+    b_dec = sae.b_dec.detach().clone()
+    resample_(sae, opt.state, dead, x, centre=True)
+    u = (x - b_dec).numpy()
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    np.testing.assert_allclose(sae.W_dec[:, dead].detach().numpy(), u.T, rtol=1e-12)
+    enc = sae.W_enc[dead].detach().numpy()
+    np.testing.assert_allclose(enc / np.linalg.norm(enc, axis=1, keepdims=True), u, rtol=1e-12)
+    assert torch.equal(sae.b_dec.detach(), b_dec)  # read, never written
+    # a revived feature's pre-activation on its own input is 0.2·ref·‖x − b_dec‖ > 0
+    assert (sae.encode(x)[torch.arange(2), dead] > 0).all()
+
+
+def first_update(adam: str, steps: int = 300, lr: float = 1e-3) -> float:
+    """Largest |ΔW_enc| per element of a resampled row in the first step after a resampling at a large
+    step count, in units of lr."""
+    sae = make_sae()
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        opt.zero_grad()
+        sae(torch.randn(64, D_IN, generator=g, dtype=torch.float64)).loss.backward()
+        opt.step()
+        sae.normalize_decoder()
+    dead = torch.tensor([4])
+    x = torch.randn(64, D_IN, generator=g, dtype=torch.float64)
+    resample_(sae, opt.state, dead, x[:1] + 3.0, centre=True, adam=adam)
+    if adam == "alive":
+        state = opt.state[sae.W_enc]
+        assert torch.count_nonzero(state["exp_avg"][4]) == 0
+        mean = torch.cat([state["exp_avg_sq"][:4], state["exp_avg_sq"][5:]]).mean(0)
+        assert torch.allclose(state["exp_avg_sq"][4], mean)
+    before = sae.W_enc[4].detach().clone()
+    opt.zero_grad()
+    sae(x).loss.backward()
+    opt.step()
+    return float((sae.W_enc[4] - before).abs().max().detach() / lr)
+
+
+def test_zeroed_adam_rows_take_a_3_lr_first_step_and_the_alive_mean_does_not():
+    """DESIGN.md's fact: with the moments zeroed at step t, the first update of an element with a
+    non-zero gradient is lr·(1−β1)/√(1−β2) · √(1−β2^t)/(1−β1^t) (≈ 3.16·lr for t >> 1000); with the alive rows' second moments it is
+    about (1−β1)·lr·|g|/rms(g), well under lr."""
+    zero, alive = first_update("zero"), first_update("alive")
+    assert zero == pytest.approx(0.1 / math.sqrt(1 - 0.999 ** 1) * math.sqrt(1 - 0.999 ** 301)
+                                 / (1 - 0.9 ** 301), rel=1e-3)
+    assert alive < 0.5 < 1.5 < zero  # -> 3.16 as t grows; 1.61 at t = 301

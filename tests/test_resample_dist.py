@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from monosem import dist, resample, trainee
+from monosem import dist, resample, trainee, zero
 from monosem.configfile import load_config
 from monosem.sae import SAE
 
@@ -91,15 +91,15 @@ def reference(launched, tmp_path_factory):
             pre = [r["trainees"][t.name]["pre"] for r in ranks]
             t.sae.load_state_dict(pre[0]["sae"])
             # Adam keeps the tensors it is given: resampling would zero rows of the module-scoped dump
-            dist.load_optimizer_state_(t.model, t.opt, copy.deepcopy(pre[0]["opt"]))
+            zero.load_optimizer_state_(t.model, t.opt, copy.deepcopy(pre[0]["opt"]))
             t.last_fired.copy_(torch.maximum(pre[0]["last_fired"], pre[1]["last_fired"]))
             t.fire_counts.fill_(1)
             reservoir = resample.Reservoir(len(union), cfg.sae.d_in)
             reservoir.add(union)
             seen["current"], seen[t.name] = t.name, {}
             seen[t.name]["n_resampled"] = trainee.resample_dead(t, reservoir, ranks[0]["step"], cfg)
-            seen[t.name]["post"] = {"sae": dist.model_state_dict(t.model),
-                                    "opt": copy.deepcopy(dist.optimizer_state_dict(t.opt, t.model)),
+            seen[t.name]["post"] = {"sae": zero.model_state_dict(t.model),
+                                    "opt": copy.deepcopy(zero.optimizer_state_dict(t.opt, t.model)),
                                     "last_fired": t.last_fired.clone(), "fire_counts": t.fire_counts.clone()}
     for t in trainees:
         t.writer.close()

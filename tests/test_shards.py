@@ -1,6 +1,6 @@
 """Corpus sources and token shards: real files, real tars read back with webdataset.
 
-    OMP_NUM_THREADS=1 python -m pytest -q -x tests/test_shards.py
+    OMP_NUM_THREADS=1 python -m pytest -q -x -p no:cacheprovider tests/test_shards.py
 """
 import json
 import math
@@ -16,8 +16,8 @@ import pytest
 from monosem.configfile import load_config
 from monosem.corpus import local_documents, stdlib_documents, stdlib_files
 from monosem.errors import MonosemError
-from monosem.shards import (prepare, read_manifest, shard_paths, val_mask, verify_shards,
-                            write_shards)
+from monosem.prepare import prepare, val_mask
+from monosem.shards import read_manifest, shard_paths, verify_shards, write_shards
 from monosem.tokenizer import EOT, get_tokenizer
 
 
@@ -63,6 +63,7 @@ def test_stdlib_manifest_and_tokens(stdlib_dir):
         assert all(s == 128 for s in sizes[:-1]) and 0 < sizes[-1] <= 128
         assert sum(sizes) == split["contexts"] and split["tokens"] == 32 * split["contexts"]
     assert m["data_config"]["max_tokens"] == 50_000 and "tiktoken" in m["versions"]
+    assert m["skipped_files"] == 0
     assert (stdlib_dir / "config.toml").is_file()
     assert not [p for p in stdlib_dir.iterdir() if p.name.startswith(".")]  # no temp files left
     # the packed stream is the stdlib files in order, each followed by eot
@@ -112,8 +113,9 @@ def test_damaged_shard_is_named(stdlib_dir, tmp_path, damage):
         shard.unlink()
     with pytest.raises(MonosemError, match="train-000002.tar"):
         prepare(make_cfg(d))  # data.dir differs from the manifest's: ignored for the check
-    with pytest.raises(MonosemError, match="delete"):
+    with pytest.raises(MonosemError, match="delete") as e:
         verify_shards(d)
+    assert str(e.value).startswith(f"shard {shard}: ") and "\n" not in str(e.value)
 
 
 def test_interrupted_run_leftovers_are_replaced(tmp_path):

@@ -1,52 +1,23 @@
-"""Tests of monosem.stream on real tar shards written by monosem.shards.write_shards.
+"""Tests of monosem.stream on real tar shards: the disjoint split over ranks x workers, the
+per-epoch shuffles and the exact resume (corrupt shards: test_stream_corrupt.py).
 
-    OMP_NUM_THREADS=1 python -m pytest -q -x tests/test_stream.py
-
-Every context's tokens encode its id (token t = ctx_id * T + t), so content is checked too.
+    OMP_NUM_THREADS=1 python -m pytest -q -x -p no:cacheprovider tests/test_stream.py
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import multiprocessing
-import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from monosem.config import Config
 from monosem.errors import MonosemError
-from monosem.files import write_json_atomic
-from monosem.shards import write_shards
-from monosem.stream import BLOCK, TokenStream, _plain_members, _tar_members
-
-T, PER_SHARD, N_CTX = 8, 8, 125  # 16 train shards, the last one short (5 contexts)
-N_SHARDS = -(-N_CTX // PER_SHARD)
-
-
-def write_manifest(data_dir: Path, ctx_len: int, splits: dict) -> None:
-    write_json_atomic(data_dir / "manifest.json", {
-        "format": "monosem-shards/1", "tokenizer": "r50k_base", "n_vocab": 50257, "eot": 50256,
-        "ctx_len": ctx_len, "source": "synthetic", "data_config": {}, "versions": {},
-        "splits": {name: {"contexts": sum(e["contexts"] for e in es),
-                          "tokens": sum(e["tokens"] for e in es), "shards": es}
-                   for name, es in splits.items()}})
-
-
-def make_data(data_dir: Path, n_ctx: int = N_CTX, per_shard: int = PER_SHARD) -> Path:
-    ids = np.arange(n_ctx, dtype=np.int64)
-    contexts = (ids[:, None] * T + np.arange(T)).astype(np.uint16)  # [N, T]
-    val_ids = np.arange(n_ctx, n_ctx + 4, dtype=np.int64)
-    val = (val_ids[:, None] * T + np.arange(T)).astype(np.uint16)
-    write_manifest(data_dir, T, {"train": write_shards(contexts, ids, data_dir, "train", per_shard),
-                                 "val": write_shards(val, val_ids, data_dir, "val", 2)})
-    return data_dir
+from monosem.stream import BLOCK, TokenStream
+from shard_data import N_CTX, N_SHARDS, PER_SHARD, T, make_data, shard_ids, take
 
 
 @pytest.fixture(scope="module")
@@ -54,31 +25,11 @@ def data(tmp_path_factory) -> Path:
     return make_data(tmp_path_factory.mktemp("shards"))
 
 
-@pytest.fixture
-def data_copy(data, tmp_path) -> Path:
-    return Path(shutil.copytree(data, tmp_path / "data"))
-
-
-def take(it, n: int) -> list[int]:
-    out = []
-    for tokens, cid in it:
-        assert tokens.dtype == np.uint16 and tokens.shape == (T,)
-        assert np.array_equal(tokens.astype(np.int64), cid * T + np.arange(T)), cid
-        out.append(cid)
-        if len(out) == n:
-            break
-    return out
-
-
-def shard_ids(i: int) -> set[int]:
-    return set(range(i * PER_SHARD, min(N_CTX, (i + 1) * PER_SHARD)))
-
-
 # ---- splitting ----------------------------------------------------------------------------------
 
 CHILD = """
 import json, sys
-from monosem.stream import BLOCK, TokenStream, _plain_members, _tar_members
+from monosem.stream import TokenStream
 data, rank, world, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 stream = TokenStream(data, rank=rank, world_size=world, num_workers=2, seed=5, loop=False)
 ids = [cid for tokens, cid in stream if int(tokens[0]) == cid * len(tokens)]
@@ -237,125 +188,3 @@ def test_from_config(data):
     want = take(TokenStream(data, rank=1, world_size=2, seed=7, shuffle_contexts=False,
                             loop=False), 10**6)
     assert got == want and len(got) > 0
-
-
-# ---- corrupt shards -----------------------------------------------------------------------------
-
-def truncate(path: Path, keep: float = 0.6) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[:int(len(data) * keep)])
-
-
-def cut_inside_last_member(path: Path) -> None:
-    with tarfile.open(path) as tar:
-        last = tar.getmembers()[-1]
-    truncate(path, (last.offset_data + 10) / path.stat().st_size)
-
-
-def patch(path: Path, old: bytes, new: bytes) -> None:
-    data = path.read_bytes()
-    assert old in data
-    path.write_bytes(data.replace(old, new, 1))
-
-
-def test_fast_tar_parser_agrees_with_tarfile(data):
-    path = data / "train-000002.tar"
-    members = _plain_members(path.read_bytes())
-    assert members is not None and len(members) == PER_SHARD  # the fast path reads our shards
-    assert members == _tar_members(path, path.read_bytes())
-    assert _plain_members(path.read_bytes()[:-3000]) is None  # cut short: tarfile judges
-
-
-@pytest.mark.parametrize("damage,match", [
-    (lambda p: truncate(p), r"train-000003\.tar"),
-    (cut_inside_last_member, r"train-000003\.tar, member 0000000031\.tokens\.npy: trunc"),
-    (lambda p: patch(p, b"\x93NUMPY", b"\x93NUMPX"), r"train-000003\.tar, member 0000000024"),
-    (lambda p: patch(p, (24 * T + 3).to_bytes(2, "little"), b"\xff\xff"), r"000003\.tar: sha256"),
-    (lambda p: p.unlink(), r"train-000003\.tar: cannot read"),
-])
-@pytest.mark.parametrize("workers", [0, 2])
-def test_corrupt_shard_names_it(data_copy, damage, match, workers):
-    damage(data_copy / "train-000003.tar")
-    stream = TokenStream(data_copy, num_workers=workers, loop=False)
-    with pytest.raises(MonosemError, match=match):
-        take(stream, 10**6)
-    assert not multiprocessing.active_children()
-
-
-def rewrite_member(path: Path, arr: np.ndarray) -> dict:
-    """Replace the first member's array; return a manifest entry that matches the new bytes."""
-    with tarfile.open(path) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar]
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    members[0] = (members[0][0], buf.getvalue())
-    members[0][0].size = len(members[0][1])
-    with tarfile.open(path, "w") as tar:
-        for m, raw in members:
-            tar.addfile(m, io.BytesIO(raw))
-    return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-
-
-@pytest.mark.parametrize("arr,match", [
-    (np.arange(T, dtype=np.uint32), r"member 0000000024\.tokens\.npy: uint32 \[8\]"),
-    (np.arange(T + 1, dtype=np.uint16), r"member 0000000024\.tokens\.npy: uint16 \[9\]"),
-])
-def test_wrong_dtype_or_shape_names_the_member(data_copy, arr, match):
-    manifest = json.loads((data_copy / "manifest.json").read_text())
-    manifest["splits"]["train"]["shards"][3].update(rewrite_member(data_copy / "train-000003.tar",
-                                                                  arr))
-    write_json_atomic(data_copy / "manifest.json", manifest)
-    with pytest.raises(MonosemError, match=r"train-000003\.tar, " + match):
-        take(TokenStream(data_copy, shuffle_shards=False, loop=False), 10**6)
-
-
-def test_context_count_mismatch_names_the_shard(data_copy):
-    manifest = json.loads((data_copy / "manifest.json").read_text())
-    manifest["splits"]["train"]["shards"][5]["contexts"] = 9
-    write_json_atomic(data_copy / "manifest.json", manifest)
-    with pytest.raises(MonosemError, match=r"train-000005\.tar: holds 8 contexts, manifest says 9"):
-        take(TokenStream(data_copy, loop=False), 10**6)
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_skip_mode_warns_counts_and_goes_on(data_copy, workers):
-    truncate(data_copy / "train-000003.tar")
-    patch(data_copy / "train-000009.tar", b"\x93NUMPY", b"\x93NUMPX")
-    stream = TokenStream(data_copy, num_workers=workers, on_corrupt="skip", loop=False)
-    with pytest.warns(RuntimeWarning, match=r"train-0000(03|09)\.tar") as record:
-        seen = take(stream, 10**6)
-    msgs = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
-    assert len(msgs) == 2
-    assert any("train-000003.tar" in m for m in msgs) and any("train-000009.tar" in m for m in msgs)
-    assert stream.skipped_shards == 2
-    assert sorted(seen) == sorted(set(range(N_CTX)) - shard_ids(3) - shard_ids(9))
-
-
-def test_skip_mode_with_no_readable_shard_raises(tmp_path):
-    data_dir = make_data(tmp_path / "d", n_ctx=4, per_shard=2)
-    for p in data_dir.glob("train-*.tar"):
-        truncate(p, 0.3)
-    stream = TokenStream(data_dir, on_corrupt="skip")  # endless: skipping forever would hang
-    with pytest.warns(RuntimeWarning), pytest.raises(MonosemError, match="all corrupt"):
-        take(stream, 1)
-    assert stream.skipped_shards == 2
-
-
-def test_skip_mode_looping_past_a_lone_corrupt_shard(data_copy):
-    # 16 readers, 16 shards: one worker per epoch gets only the corrupt shard, and goes on
-    truncate(data_copy / "train-000007.tar")
-    streams = [TokenStream(data_copy, rank=r, world_size=8, num_workers=2, on_corrupt="skip")
-               for r in range(8)]
-    with pytest.warns(RuntimeWarning, match="train-000007"):
-        seen = [c for s in streams for c in take(s, 20)]
-    assert set(seen) == set(range(N_CTX)) - shard_ids(7)
-    assert sum(s.skipped_shards for s in streams) > 0
-
-
-def test_skip_mode_loops_for_more_epochs_than_shards(data_copy):
-    truncate(data_copy / "train-000007.tar")  # met once per epoch: never N_SHARDS times in a row
-    stream = TokenStream(data_copy, on_corrupt="skip")
-    with pytest.warns(RuntimeWarning, match="train-000007"):
-        seen = take(stream, (N_SHARDS + 2) * (N_CTX - PER_SHARD))
-    assert stream.skipped_shards == N_SHARDS + 2 and stream.epoch == N_SHARDS + 2
-    assert set(seen) == set(range(N_CTX)) - shard_ids(7)

@@ -46,7 +46,7 @@ def structured_text(seed: int, n_sentences: int) -> str:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from monosem.shards import prepare
+    from monosem.prepare import prepare
 
     root = tmp_path_factory.mktemp("corpus")
     for i in range(4):
@@ -132,7 +132,7 @@ def test_resume_is_bit_identical(full_run):
     for (k, a), (k2, b) in zip(lm.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
     redo = load_checkpoint(cfg.lm_dir)
-    assert redo.state["streams"] == final.state["streams"]
+    assert redo.rank_state(0)["stream"] == final.rank_state(0)["stream"]
     assert resumed["val_loss"] == metrics["val_loss"] and resumed["train_loss"] == metrics["train_loss"]
     opt_a, opt_b = final.load_object("optimizer"), redo.load_object("optimizer")
     for i, s in opt_a["state"].items():
@@ -149,15 +149,15 @@ def test_two_process_data_parallel(data_dir, tmp_path):
     toml = tmp_path / "ddp.toml"
     toml.write_text(to_toml(cfg))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", "0", "-m", "monosem.train_lm", str(toml)]
+           "--main_process_port", "0", "-m", "monosem", "train-lm", str(toml)]
     proc = subprocess.run(cmd, env=launch_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"LM weights: {cfg.lm_dir / 'step-000008'}" in proc.stdout
     metrics = json.loads((cfg.lm_dir / "metrics.json").read_text())
     ids = metrics["rank_identities"]
     assert len(ids) == 2 and ids[0] == ids[1] == lm_identity(cfg.lm_dir)  # same weights on both ranks
-    state = load_checkpoint(cfg.lm_dir).state
-    assert state["world_size"] == 2 and [s["rank"] for s in state["streams"]] == [0, 1]
+    ck = load_checkpoint(cfg.lm_dir)
+    assert ck.state["world_size"] == 2 and [ck.rank_state(r)["stream"]["rank"] for r in (0, 1)] == [0, 1]
     losses = [v for _, v in read_scalars(cfg.lm_dir / "tb", "train/loss")]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert math.isfinite(metrics["val_loss"])

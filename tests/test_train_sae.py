@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,56 +18,19 @@ from monosem.errors import MonosemError
 from monosem.metrics import read_histograms, read_images, read_scalars
 from monosem.train_sae import train
 
-from tinyrun import make_tiny_run  # tests/tinyrun.py
+from tinyrun import REPO, env1, launch_sae, make_sae_root, sae_cfg, sae_command, sae_overrides  # tests/tinyrun.py
 
-REPO = Path(__file__).resolve().parent.parent
 TAGS = ["train/loss", "train/mse", "train/l1", "train/l0", "train/fvu", "train/lr",
         "features/dead_frac", "features/ultralow_frac", "features/resampled", "eval/loss_recovered",
         "perf/vectors_per_s", "perf/tokens_per_s", "buffer/fill", "buffer/producer_wait_s",
         "buffer/consumer_wait_s", "buffer/shuffle_quality"]
-
-
-def overrides(root: Path, name: str, *extra: str) -> list[str]:
-    return [f"--run.root={root}", f"--run.name={name}", f"--data.dir={root / 'data'}",
-            "--data.max_tokens=60000", "--data.contexts_per_shard=128", "--train_sae.steps=20",
-            "--train_sae.log_every=5", "--train_sae.eval_every=10", "--train_sae.ckpt_every=10",
-            "--train_sae.resample_steps=[10]", "--train_sae.dead_window=5", "--train_sae.batch_size=128",
-            "--buffer.pool_size=1024", "--buffer.slot_vectors=128", *extra]
+overrides, run_cfg, launch = sae_overrides, sae_cfg, launch_sae
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """Token shards + a (random, frozen) LM shared by every run in this file."""
-    root = tmp_path_factory.mktemp("sae")
-    make_tiny_run(overrides(root, "base"))
-    return root
-
-
-def launch(root: Path, name: str, *extra: str, nproc: int = 1, timeout: int = 240, check=True):
-    """Run train-sae in real processes (accelerate launch for 2)."""
-    run_cfg(root, name)  # links the shared LM into the run folder
-    args = overrides(root, name, *extra)
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "monosem.train_sae", str(REPO / "configs/tiny.toml"), *args]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-               str(nproc), "--main_process_port", "0", "-m", "monosem.train_sae",
-               str(REPO / "configs/tiny.toml"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if check and r.returncode != 0:
-        raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
-    return r
-
-
-def run_cfg(root: Path, name: str, *extra: str):
-    """Config whose run folder is root/name, sharing the module's data and LM."""
-    cfg = load_config(REPO / "configs/tiny.toml", overrides(root, name, *extra))
-    lm = root / name / "lm"
-    if not lm.exists():
-        lm.parent.mkdir(parents=True, exist_ok=True)
-        lm.symlink_to(root / "base" / "lm")
-    return cfg
+    return make_sae_root(tmp_path_factory.mktemp("sae"))
 
 
 def final_weights(cfg, name: str = "sae") -> dict:
@@ -120,32 +82,31 @@ def test_sigkill_then_resume_matches_uninterrupted(root):
     ref = run_cfg(root, "full")  # written by the previous test, or train it now
     if latest_checkpoint(ref.sae_dir) is None:
         train(ref)
-    run_cfg(root, "killed")
-    args = overrides(root, "killed", "--train_sae.ckpt_every=5")
-    proc = subprocess.Popen([sys.executable, "-m", "monosem.train_sae",
-                             str(REPO / "configs/tiny.toml"), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(sae_command(root, "killed", "--train_sae.ckpt_every=5"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env1())
     sae_dir = root / "killed" / "sae"
     deadline = time.time() + 120
     while latest_checkpoint(sae_dir) is None and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed mid-run"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert latest_checkpoint(sae_dir) is not None
+    killed_at = load_checkpoint(sae_dir).step
+    assert 5 <= killed_at < 20, killed_at  # the kill landed mid-run
     launch(root, "killed", "--train_sae.ckpt_every=5", "--resume")
     a, b = final_weights(ref), final_weights(run_cfg(root, "killed"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # exactly one TensorBoard event per logged step, although steps after the checkpoint ran twice
+    scalars = read_scalars(sae_dir / "tb" / "sae")
+    assert [s for s, _ in scalars["train/loss"]] == [5, 10, 15, 20]
+    assert [s for s, _ in scalars["eval/loss_recovered"]] == [10, 20]
 
 
 def test_sigterm_checkpoints_and_exits_zero(root):
-    run_cfg(root, "term")
-    args = overrides(root, "term", "--train_sae.steps=100000", "--train_sae.ckpt_every=100000")
-    proc = subprocess.Popen([sys.executable, "-m", "monosem.train_sae",
-                             str(REPO / "configs/tiny.toml"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(sae_command(root, "term", "--train_sae.steps=100000",
+                                        "--train_sae.ckpt_every=100000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env1())
     tb = root / "term" / "sae" / "tb" / "sae"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:  # wait until it is really training
