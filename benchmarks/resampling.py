@@ -12,7 +12,8 @@ activations of the run's frozen LM, held in memory (a pool of --pool-contexts tr
   centred+adam   and the resampled rows' Adam second moments set to the alive rows' mean (a per-row
                  warm-up instead of ~3.2·lr first steps);
   centred+warmup centred, and the LR of every parameter warmed up linearly over --warmup steps after
-                 each resampling (Anthropic's later recipe).
+                 each resampling (Anthropic's later recipe);
+  paper+warmup   the paper's resampling with that LR warm-up.
 Writes <out>/alive.png (alive features = fired in the last --window steps, over steps, per variant),
 <out>/density.png (log10 density over the final --window steps: dead count in the legend, the
 ultralow cluster on the left), <out>/resampling.json (the numbers) and prints a table and the wall time.
@@ -39,7 +40,8 @@ from monosem.stream import TokenStream
 VARIANTS = {"none": None, "paper": {"centre": False, "adam": "zero"},
             "centred": {"centre": True, "adam": "zero"},
             "centred+adam": {"centre": True, "adam": "alive"},
-            "centred+warmup": {"centre": True, "adam": "zero", "warmup": True}}
+            "centred+warmup": {"centre": True, "adam": "zero", "warmup": True},
+            "paper+warmup": {"centre": False, "adam": "zero", "warmup": True}}
 
 
 @torch.no_grad()
@@ -158,7 +160,7 @@ def main() -> None:
     ap.add_argument("--pool-contexts", type=int, default=2048)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=50, help="LR warm-up steps after a resampling")
-    ap.add_argument("--variants", default="none,paper,centred,centred+warmup")
+    ap.add_argument("--variants", default="none,paper,paper+warmup,centred")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/resampling"))
     a, rest = ap.parse_known_args()

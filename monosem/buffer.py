@@ -122,7 +122,8 @@ class ActivationBuffer:
         self.full_r, full_w = ctx.Pipe(duplex=False)  # producer -> consumer: Full, End, Failed
         free_r, self.free_w = ctx.Pipe(duplex=False)  # consumer -> producer: Lend, Stop
         job = ProducerJob(source, self.shared.name, self.spec, self.rank, os.getpid(), self.stream_state,
-                          self.S // (b.tokens_per_context or self.ctx_len), b.producer_threads, self.poll_s)
+                          self.S // (b.tokens_per_context or self.ctx_len), b.producer_threads, self.poll_s,
+                          0 if torch.cuda.is_available() else b.producer_nice)
         self.proc = ctx.Process(target=run_producer, name=f"monosem-producer-{self.rank}", daemon=False,
                                 args=(job, full_w, free_r))
         # runs on close(), on garbage collection and at interpreter exit

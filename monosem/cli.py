@@ -26,6 +26,7 @@ verbs:
   analyze     read the SAE's features on held-out text -> static HTML feature browser
   export      write the SAE in the SAELens layout (cfg.json + sae_weights.safetensors)
   config      print the resolved config as TOML
+  bench       every benchmark, one after the other -> one JSON + one table (--quick, --out, --readme)
 
 `monosem VERB --help` lists every config field with its documentation."""
 
@@ -37,6 +38,7 @@ VERB_SECTIONS = {
     "config": None,
     "analyze": ["run", "data", "stream", "train_sae", "analyze"],
     "export": ["run", "train_sae", "export"],
+    "bench": None,  # its own flags: monosem.bench
 }
 
 
@@ -123,6 +125,10 @@ def default_config(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own flags (--quick, --out, --readme), not config overrides
+        from monosem.bench import main as bench
+
+        return bench(argv[1:])
     try:
         verb, path, overrides, resume, want_help = parse_args(argv)
         if verb == "help":

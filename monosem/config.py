@@ -145,6 +145,9 @@ class BufferConfig:
     """Vectors in the consumer's shuffle pool; batches are drawn without replacement from it."""
     producer_threads: int = 1
     """torch threads in the producer process."""
+    producer_nice: int = 19
+    """Niceness added to the producer on a CPU-only machine (0-19): the SAE step takes every core and the
+    producer runs in its gaps (monosem/producer.py says why). 0 = equal priority."""
     producer_device: Literal["auto", "cpu"] = "auto"
     """Device of the producer's LM: `auto` (cuda:<local_rank> if there is a GPU, else cpu), `cpu`."""
     timeout_s: float = 10.0
@@ -201,7 +204,10 @@ class TrainSAEConfig:
     """Clip the gradient norm to this (0 = off)."""
     bf16: bool = False
     """Run the SAE forward/backward under bf16 autocast."""
-    sparse: str = "auto"
+    threads: int = 0
+    """torch threads of the SAE step on a CPU-only machine; 0 = every core (divided among the local
+    processes), with each producer niced into the step's gaps (see buffer.producer_nice)."""
+    sparse: Literal["auto", "on", "off"] = "auto"
     """SAE step path: `auto` (sparse when the batch's density, active entries / (batch x n_features),
     is at most sparse_threshold), `on` (always sparse), `off` (always dense). Same maths either way."""
     sparse_threshold: float = 0.05

@@ -131,6 +131,12 @@ def _check_model_and_run(cfg: Config) -> None:
         raise ConfigError(f"lm.vocab_size must be >= 50257 (GPT-2 ids), got {cfg.lm.vocab_size}")
     if cfg.sae.recipe == "topk" and cfg.sae.k > cfg.sae.n_features:
         raise ConfigError(f"sae.k ({cfg.sae.k}) exceeds sae.n_features ({cfg.sae.n_features})")
+    if cfg.train_sae.threads < 0:
+        raise ConfigError(f"train_sae.threads must be >= 0 (0 = every core), got {cfg.train_sae.threads}")
+    if not 0 <= cfg.buffer.producer_nice <= 19:
+        raise ConfigError(f"buffer.producer_nice must be in 0..19, got {cfg.buffer.producer_nice}")
+    if not 0.0 <= cfg.train_sae.sparse_threshold <= 1.0:
+        raise ConfigError(f"train_sae.sparse_threshold must be in [0, 1], got {cfg.train_sae.sparse_threshold}")
     if not 0.0 < cfg.train_sae.decay_start <= 1.0:
         raise ConfigError(f"train_sae.decay_start must be in (0, 1], got {cfg.train_sae.decay_start}")
     for key, name in (("run.name", cfg.run.name), ("train_sae.out", cfg.train_sae.out)):

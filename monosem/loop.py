@@ -186,15 +186,16 @@ class Run:
         self.on_exit(w.close)
         return w
 
-    def check(self, step: int, losses: dict[str, float]) -> bool:
+    def check(self, step: int, losses: dict[str, float], hint: str = "") -> bool:
         """Call on every rank after the backward pass, before the optimizer step: raises if any rank's
-        loss is not finite (the optimizer never touches it); returns whether any rank was asked to stop."""
+        loss is not finite (the optimizer never touches it; `hint` names the setting to look at, e.g.
+        the LR); returns whether any rank was asked to stop."""
         stop, bad = dist.any_flags([self._stopper.stop,
                                     not all(math.isfinite(v) for v in losses.values())])
         if bad:
             raise MonosemError(f"{self.what}: loss is not finite at step {step} ({losses} on rank "
-                               f"{dist.rank()}); lower the learning rate? Last good checkpoint: "
-                               f"{latest_checkpoint(self.root)}")
+                               f"{dist.rank()}); lower the learning rate? ({hint or 'diverged'}). Last good "
+                               f"checkpoint: {latest_checkpoint(self.root)}")
         return stop
 
     def stopped(self, step: int) -> None:

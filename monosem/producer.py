@@ -9,6 +9,15 @@ into the block of pool rows the consumer lent as a ring slot (SharedPool: the se
     src = LMSource(cfg, rank=0, world_size=1, lm_path="runs/tiny/lm", data_dir="runs/tiny/data")
     for acts, ids, state in src.contexts(None):   # [k, d_in] storage dtype, [k] int64, state after it
         break
+
+Sharing the cores on a CPU-only machine (the rule the trainer and the buffer follow): the SAE step takes
+every core (torch threads = cores / local processes) and the producer runs `buffer.producer_threads`
+threads at the lowest priority (`buffer.producer_nice`, default 19). The producer's work is a few percent
+of the step's, so it fits in the gaps of the step (Python, small ops, waits); when the pool runs low the
+trainer blocks on the pipe and the producer gets the cores it leaves. Giving the producer a core of its
+own halves the step on 2 cores; an equal-priority producer on top of a trainer on every core steals
+time slices in the middle of the step's GEMMs (every OpenMP thread then waits for the slowest).
+Measured with benchmarks/bench_train.py (README, Benchmarks). On a GPU the producer keeps priority 0.
 """
 from __future__ import annotations
 
@@ -171,6 +180,7 @@ class ProducerJob:
     contexts_per_slot: int
     threads: int               # torch threads
     poll_s: float              # how often a waiting producer checks that the trainer lives
+    nice: int = 0              # added to the process's niceness (on a CPU-only machine, see below)
 
 
 def name_process(rank: int) -> str:
@@ -203,6 +213,9 @@ def run_producer(job: ProducerJob, full_w: Connection, free_r: Connection) -> No
         signal.signal(sig, signal.SIG_IGN)
     name_process(job.rank)
     torch.set_num_threads(job.threads)
+    if job.nice:
+        with suppress(OSError):
+            os.nice(job.nice)
     shared, gone, failed = SharedPool(job.spec, name=job.segment), False, False
     try:
         produce(job.source.contexts(job.state), shared, full_w, free_r, job.parent_pid,

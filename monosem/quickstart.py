@@ -5,7 +5,7 @@
     monosem quickstart                          # again: finished stages are skipped, stopped ones resume
 
 Stages: prepare (Python standard library -> token shards), train-lm (the frozen 1-layer LM), train-sae
-(SAE on its streamed MLP activations). Each stage skips work already done and resumes work that was
+(SAE on its streamed MLP activations), analyze (the feature browser in runs/<name>/report/). Each stage skips work already done and resumes work that was
 stopped (from its latest checkpoint); at the end it prints where
 everything went, the headline figures and the TensorBoard command.
 """
@@ -26,6 +26,7 @@ def _stage(title: str) -> float:
 
 def quickstart(cfg: Config, resume: bool = False) -> dict:
     """Run prepare -> train-lm -> train-sae; return the headline figures."""
+    from monosem.analyze import analyze
     from monosem.prepare import prepare
     from monosem.train_lm import train_lm
     from monosem.train_sae import train
@@ -55,9 +56,14 @@ def quickstart(cfg: Config, resume: bool = False) -> dict:
     else:
         sae_metrics = train(cfg, resume=resume or sae_ckpt is not None)
     times["train_sae_s"] = time.perf_counter() - t
+
+    t = _stage(f"analyze -> {cfg.run_dir / 'report'}")
+    report = analyze(cfg)
+    times["analyze_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - t0
 
-    out = {"tokens": manifest["splits"]["train"]["tokens"], **lm_metrics, **sae_metrics, **times}
+    out = {"tokens": manifest["splits"]["train"]["tokens"], **lm_metrics, **sae_metrics, **times,
+           "report": str(report)}
     _summary(cfg, out)
     return out
 
@@ -75,5 +81,6 @@ def _summary(cfg: Config, m: dict) -> None:
               f"loss recovered {f(f'{name}/eval/loss_recovered'):.3f}  dead "
               f"{f(f'{name}/features/dead_frac'):.3f}  ultralow {f(f'{name}/features/ultralow_frac'):.3f}")
     print(f"wall time       {f('total_s'):.0f} s (prepare {f('prepare_s'):.0f}, train-lm "
-          f"{f('train_lm_s'):.0f}, train-sae {f('train_sae_s'):.0f})")
+          f"{f('train_lm_s'):.0f}, train-sae {f('train_sae_s'):.0f}, analyze {f('analyze_s'):.0f})")
+    print(f"feature browser {m['report']}  (open it from disk)")
     print(f"TensorBoard     tensorboard --logdir {cfg.run_dir} --host 127.0.0.1")

@@ -7,7 +7,7 @@ Pure tensor maths (no distribution, no I/O). Three recipes (`cfg.recipe`):
   anthropic-2024-04  The April 2024 update: f = ReLU(W_enc x + b_enc) (no pre-encoder bias), L1 weighted
                      by decoder column norms, no norm constraint, inputs scaled so E‖x‖ = √d_in (buffer
                      `scale`, applied inside forward), W_dec columns random with norm 0.1, W_enc = W_dec.T,
-                     biases 0. λ warmup and LR decay: `l1_coeff_at`, `lr_factor` (the trainer applies them).
+                     biases 0. λ warmup and LR decay: `trainee.l1_coeff_at`, `trainee.lr_factor`.
   topk               OpenAI's TopK SAE: the k largest pre-activations, then ReLU; no L1 (reported, not
                      applied); unit-norm decoder; W_enc = W_dec.T at init; AuxK loss on dead latents.
 Units: forward multiplies x by `scale` (1 except anthropic-2024-04); mse, l1 and loss are in that scaled
@@ -86,22 +86,6 @@ def input_scale(sample: torch.Tensor) -> float:
     if not mean_norm > 0 or not math.isfinite(mean_norm):
         raise MonosemError(f"input_scale: sample of shape {tuple(sample.shape)} has mean norm {mean_norm}")
     return math.sqrt(sample.shape[1]) / mean_norm
-
-
-def l1_coeff_at(step: int, cfg: SAEConfig | float, warmup_steps: int) -> float:
-    """λ ramped linearly from 0 at step 0 to its full value at step warmup_steps (0 = no warmup)."""
-    lam = cfg.l1_coeff if isinstance(cfg, SAEConfig) else float(cfg)
-    return lam if warmup_steps <= 0 else lam * min(1.0, step / warmup_steps)
-
-
-def lr_factor(step: int, total: int, warmup: int, decay_start: float) -> float:
-    """LR multiplier: linear warmup over `warmup` steps (first step > 0), then constant, then a linear
-    decay to 0 at `total` starting at fraction `decay_start` of training (1.0 = no decay)."""
-    factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-    decay_from = int(decay_start * total)
-    if decay_start < 1.0 and step >= decay_from:
-        factor = min(factor, max(0.0, (total - step) / max(1, total - decay_from)))
-    return factor
 
 
 def normalize_columns_(W_dec: torch.Tensor) -> torch.Tensor:
@@ -277,7 +261,7 @@ class SAE(nn.Module):
         if self.recipe == "topk" and dead_mask is not None:
             dead_idx = dead_mask.to(xs.device).nonzero().flatten()  # [n_dead]
         spec = StepSpec(self.recipe, self.sparse_mode, self.sparse_threshold, cd, self.cfg.k,
-                        self.cfg.aux_k, self.cfg.aux_coeff, dead_idx)
+                        self.cfg.aux_k, self.cfg.aux_coeff, dead_idx, self.unit_norm)
         info: dict = {}
         with torch.autocast(dev, enabled=False):
             xs_hat, f, mse, l1, aux = SAEStep.apply(self.W_enc, self.b_enc, self.W_dec, self.b_dec, xs,

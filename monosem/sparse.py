@@ -38,6 +38,7 @@ class StepSpec(NamedTuple):
     aux_k: int = 0                    # topk: dead latents in the AuxK loss
     aux_coeff: float = 0.0
     dead_idx: torch.Tensor | None = None  # [n_dead] int64 indices of dead features (AuxK)
+    unit_norm: bool = True            # project W_dec's gradient onto the unit-norm tangent space
 
 
 def project_columns(g: torch.Tensor, w: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -150,7 +151,7 @@ def _dec_grad_finish(g: torch.Tensor, W: torch.Tensor, dim: int, spec: StepSpec,
     shape[1 - dim] = -1  # dim is the d_in axis; features run along the other
     if spec.recipe == "anthropic-2024-04":  # d(λ Σ f_j ‖w_j‖ / B)/dw_j = λ/B (Σ_b f_bj) w_j/‖w_j‖
         g = g + W * (lam * colsum / norms.clamp_min(1e-30)).view(shape)
-    else:
+    elif spec.unit_norm:
         g = project_columns(g, W, dim)
     return g
 

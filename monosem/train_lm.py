@@ -157,7 +157,7 @@ def _loop(cfg, run: Run, accelerator, raw: LM, model, optimizer, stream, metrics
     while step < tc.steps:
         lr = lr_at(step, tc)
         loss = _forward_backward(accelerator, model, next(batches)[0].to(device))
-        stop = run.check(step + 1, {"loss": loss})  # every rank, before the optimizer touches it
+        stop = run.check(step + 1, {"loss": loss}, f"train_lm.lr = {tc.lr:g}")  # before the optimizer
         _optimizer_step(accelerator, model, optimizer, lr, tc.grad_clip)
         step += 1
         window += torch.tensor([loss, 1.0], dtype=torch.float64)

@@ -47,9 +47,8 @@ def train(cfg: Config, resume: bool = False,
 
     on_batch(step, x [B, d_in], ids [B]) is called with every batch this rank consumes (analysis, tests)."""
     accelerator = dist.make_accelerator(cfg, deepspeed=cfg.dist.deepspeed_stage > 0)
-    if not torch.cuda.is_available():  # leave the producers their cores: oversubscription stalls both
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.local_world_size()
-                                  - cfg.buffer.producer_threads))
+    if not torch.cuda.is_available():  # every core to the step; the producer runs niced in its gaps
+        torch.set_num_threads(cfg.train_sae.threads or max(1, (os.cpu_count() or 1) // dist.local_world_size()))
     with dist.guard(accelerator):  # a failing rank stops every rank within seconds
         lm = check_lm(cfg, accelerator.device)
         expect = {"lm_identity": (cfg_lm_identity(cfg), "the LM")}
@@ -95,7 +94,7 @@ def _loop(cfg: Config, run: Run, trainees: list[Trainee], reservoir: Reservoir, 
             init_from_batch(trainees, x)
         reservoir.add(x.cpu())                                    # the reservoir lives on the host
         losses = {t.name: forward_backward(t, x, step, cfg) for t in trainees}
-        stop = run.check(step + 1, losses)                        # before any optimizer step
+        stop = run.check(step + 1, losses, f"train_sae.lr = {ts.lr:g}")  # before any optimizer step
         for t in trainees:
             optimizer_step(t, step, cfg)
         step, window_steps = step + 1, window_steps + 1

@@ -77,6 +77,26 @@ def zero_stage(model) -> int:
     return int(model.zero_optimization_stage()) if hasattr(model, "zero_optimization_stage") else 0
 
 
+def backward(accelerator, model, loss: torch.Tensor) -> None:
+    """Gradients of loss on any engine. Under DeepSpeed accelerate's backward also takes the optimizer
+    step; the engine's own backward does not, so the trainer can check the loss on every rank first."""
+    if hasattr(model, "zero_optimization_stage"):
+        model.backward(loss)
+    else:
+        accelerator.backward(loss)
+
+
+def step(accelerator, model, optimizer, grad_clip: float) -> None:
+    """Clip (DeepSpeed: its engine clips, per its config), step and clear the gradients on any engine."""
+    if hasattr(model, "zero_optimization_stage"):
+        model.step()
+        return
+    if grad_clip:
+        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def unwrap(model) -> torch.nn.Module:
     """The user's module inside a DDP wrapper or DeepSpeed engine."""
     return getattr(model, "module", model)

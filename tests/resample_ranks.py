@@ -10,11 +10,13 @@ The chosen indices and rows are recorded by pass-through spies on `resample.choo
 import copy
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from monosem import dist, resample, trainee, zero
 from monosem.configfile import load_config
+from monosem.metrics import MetricsWriter
 
 REPO = Path(__file__).resolve().parents[1]
 RESERVOIR_BATCHES = {0: (3, 64), 1: (3, 32)}  # rank -> (batches, rows): rank 0 overflows (Algorithm R),
@@ -69,18 +71,29 @@ def install_spies(record: dict) -> None:
     resample.choose_inputs, dist.gather_chosen = choose_spy, gather_spy
 
 
+def quiet_run() -> SimpleNamespace:
+    """What build_trainees needs of monosem.loop.Run: TensorBoard writers (disabled here)."""
+    return SimpleNamespace(writer=lambda logdir, config_text=None: MetricsWriter(logdir, enabled=False))
+
+
+def sae_step(t: trainee.Trainee, x: torch.Tensor, step: int, cfg) -> None:
+    """The trainer's step: forward + backward, then Adam + renormalisation."""
+    trainee.forward_backward(t, x, step, cfg)
+    trainee.optimizer_step(t, step, cfg)
+
+
 def exercise(cfg, accelerator) -> dict:
     """Train, plant dead features, resample, train one more step; return this rank's dump."""
     ts, rank = cfg.train_sae, dist.rank()
     step = ts.resample_steps[0]
     torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank, as train() does
-    trainees = trainee.build_trainees(cfg, accelerator, None, {})
+    trainees = trainee.build_trainees(cfg, accelerator, None, quiet_run())
     for s in range(step):
         x = synthetic(0, rank, s, ts.batch_size, cfg.sae.d_in)          # [B, d_in]
         if s == 0:
             trainee.init_from_batch(trainees, x)
         for t in trainees:
-            trainee.sae_step(t, x, s, cfg)
+            sae_step(t, x, s, cfg)
     reservoir = resample.Reservoir(max(1, ts.resample_pool // dist.world_size()), d_in=cfg.sae.d_in,
                                    seed=cfg.run.seed * 7919 + rank)
     n_batches, rows = RESERVOIR_BATCHES[rank]
@@ -98,7 +111,7 @@ def exercise(cfg, accelerator) -> dict:
         record[t.name] = {}
         n = trainee.resample_dead(t, reservoir, step, cfg)
         post = snapshot(t)
-        trainee.sae_step(t, synthetic(2, rank, 0, ts.batch_size, cfg.sae.d_in), step, cfg)
+        sae_step(t, synthetic(2, rank, 0, ts.batch_size, cfg.sae.d_in), step, cfg)
         after = zero.model_state_dict(t.model)
         dump["trainees"][t.name] = {"planted": sets, "pre": pre, "post": post, "after_step": after,
                                     "n_resampled": n, **record[t.name]}

@@ -34,3 +34,19 @@ def test_bench_stream_runs_at_tiny_shapes(tmp_path):
         assert all(v > 0 for v in r[k].values())
     assert r["setup"]["d_in"] == 32 and r["setup"]["n_features"] == 128 and r["setup"]["batch"] == 64
     assert r["setup"]["buffer"]["pool_size"] == 512
+
+
+def test_bench_train_runs_at_tiny_shapes(tmp_path):
+    out = tmp_path / "bench_train.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--out", str(out), "--steps", "6",
+           "--window", "3", "--step-steps", "2", "--set", *TINY, "sae.n_features=128", "train_sae.batch_size=64"]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert [w["step"] for w in r["windows"]] == [3, 6] and all(w["vectors_per_s"] > 0 for w in r["windows"])
+    for name in ("fresh", "trained"):
+        s = r[f"step_only_{name}"]
+        assert s["vectors_per_s"] > 0 and s["path"] in ("sparse", "dense") and s["threads"] == os.cpu_count()
+    assert r["end_to_end_over_step_only"] > 0 and r["shapes"]["n_features"] == 128
+    assert "step only, trained SAE" in done.stdout

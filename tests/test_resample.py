@@ -187,7 +187,7 @@ def test_resample_sets_weights_and_zeroes_adam_rows():
     state_before = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in sae.named_parameters()}
     dead = torch.tensor([3, 17, 31])
     x = torch.randn(3, D_IN, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    resample_(sae, opt.state, dead, x)
+    resample_(sae, opt.state, dead, x, centre=False)  # the paper's raw-input directions
 
     # float64 reference of the formulas
     W_enc = before["W_enc"].numpy()
@@ -237,7 +237,10 @@ def test_resample_rejects_bad_input():
     with pytest.raises(MonosemError, match="must be"):
         resample_(sae, opt.state, torch.tensor([1, 2, 3]), x)
     with pytest.raises(MonosemError, match="zero input"):
-        resample_(sae, opt.state, torch.tensor([1, 2]), torch.cat([x[:1], 0 * x[:1]]))
+        resample_(sae, opt.state, torch.tensor([1, 2]), torch.cat([x[:1], 0 * x[:1]]), centre=False)
+    with pytest.raises(MonosemError, match=r"zero centred \(x = b_dec\) input"):
+        resample_(sae, opt.state, torch.tensor([1, 2]), torch.cat([x[:1], sae.b_dec.detach()[None]]),
+                  centre=True)
     resample_(sae, {}, torch.tensor([4]), x[:1])  # before the first step there is no Adam state
     assert torch.isclose(sae.W_dec[:, 4].norm(), torch.tensor(1.0, dtype=torch.float64))
 

@@ -11,8 +11,8 @@ import torch
 
 from monosem.config import SAEConfig
 from monosem.errors import MonosemError
-from monosem.sae import (SAE, cfg_json, fired, geometric_median, input_scale, l1_coeff_at,
-                         loss_convention, lr_factor)
+from monosem.sae import SAE, cfg_json, fired, geometric_median, input_scale, loss_convention
+from monosem.trainee import l1_coeff_at, lr_factor
 
 RECIPES = ["anthropic-2023", "anthropic-2024-04", "topk"]
 D_IN, N_FEAT, K, AUX_K, LAM = 12, 40, 5, 6, 3e-2
