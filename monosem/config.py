@@ -251,11 +251,13 @@ class AnalyzeConfig:
     batch_contexts: int = 16
     """Contexts per LM + SAE forward (memory: batch_contexts x ctx_len x n_features floats)."""
     top_k: int = 10
-    """Top-activating contexts kept (and ablated) per feature."""
+    """Top-activating contexts kept (and ablated) per feature: memory grows with n_features x top_k
+    (the contexts' token windows, not their activations)."""
     n_intervals: int = 11
     """Activation intervals per feature (equal widths of its max activation), as the paper's pages."""
     interval_samples: int = 4
-    """Contexts sampled uniformly from each interval."""
+    """Contexts sampled uniformly from each interval (reservoir sampling in the second pass, so every
+    context of the interval is equally likely)."""
     window_before: int = 12
     """Tokens shown before the activating token."""
     window_after: int = 4
@@ -282,17 +284,21 @@ class ExportConfig:
 
 @dataclass
 class Config:
+    """Every section of a run; `monosem <verb> --help` lists the fields of the sections a verb reads."""
+
     run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=DataConfig)          # corpus -> token shards
     stream: StreamConfig = field(default_factory=StreamConfig)
-    lm: LMConfig = field(default_factory=LMConfig)
+    lm: LMConfig = field(default_factory=LMConfig)                 # the frozen LM and its training
     train_lm: TrainLMConfig = field(default_factory=TrainLMConfig)
-    buffer: BufferConfig = field(default_factory=BufferConfig)
+
+    buffer: BufferConfig = field(default_factory=BufferConfig)     # streamed activations -> SAEs
     sae: SAEConfig = field(default_factory=SAEConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     train_sae: TrainSAEConfig = field(default_factory=TrainSAEConfig)
     dist: DistConfig = field(default_factory=DistConfig)
-    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)  # reading the trained SAE
     export: ExportConfig = field(default_factory=ExportConfig)
 
     # ---- derived paths -------------------------------------------------------------------
