@@ -1,4 +1,4 @@
-"""Configuration schema: nested dataclasses, one per section, and the value rules (choices, signs).
+"""Configuration schema: nested dataclasses, one per section; choices are typed `Literal[...]`.
 
 Every field carries a docstring right under it; `monosem <verb> --help` prints them (read from this
 file's source with `ast` by monosem.configfile, so the docs live in exactly one place). Loading TOML
@@ -317,23 +317,3 @@ class Config:
     @property
     def sae_dir(self) -> Path:
         return self.run_dir / self.train_sae.out
-
-
-# choice fields are typed Literal[...]: monosem.configfile.choices() reads the allowed values from there
-POSITIVE = {"data.ctx_len", "data.contexts_per_shard", "data.shuffle_window", "data.num_threads", "lm.n_layer", "lm.d_model",
-            "lm.n_head", "lm.d_mlp", "lm.vocab_size", "train_lm.steps", "train_lm.batch_size",
-            "train_lm.lr", "train_lm.eval_batches", "train_lm.log_every", "train_lm.ckpt_every",
-            "train_lm.keep_last", "buffer.producer_batch", "buffer.slot_vectors", "buffer.n_slots",
-            "buffer.pool_size", "buffer.producer_threads", "buffer.timeout_s", "sae.d_in",
-            "sae.n_features", "sae.k", "train_sae.steps", "train_sae.batch_size", "train_sae.lr",
-            "train_sae.dead_window", "train_sae.resample_pool", "train_sae.log_every",
-            "train_sae.ckpt_every", "train_sae.keep_last", "train_sae.eval_contexts", "dist.timeout_s",
-            "analyze.batch_contexts", "analyze.top_k", "analyze.n_intervals",
-            "analyze.interval_samples", "analyze.single_token_frac"}
-NON_NEGATIVE = {"data.max_tokens", "stream.num_workers", "lm.dropout",
-                "train_lm.warmup_steps", "train_lm.weight_decay", "train_lm.grad_clip",
-                "train_lm.min_lr", "buffer.tokens_per_context", "buffer.spare_fraction", "sae.l1_coeff", "sae.aux_k",
-                "sae.aux_coeff", "train_sae.warmup_steps", "train_sae.l1_warmup_steps",
-                "train_sae.grad_clip", "train_sae.eval_every", "train_sae.resample_power",
-                "analyze.tokens", "analyze.window_before", "analyze.window_after", "analyze.ultralow_density"}
-

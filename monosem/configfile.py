@@ -15,7 +15,26 @@ import typing
 from pathlib import Path
 
 from monosem import config as schema
-from monosem.config import NON_NEGATIVE, POSITIVE, Config, ConfigError
+from monosem.config import Config, ConfigError
+
+
+# value rules by sign (choices come from the Literal[...] types: choices() below)
+POSITIVE = {"data.ctx_len", "data.contexts_per_shard", "data.shuffle_window", "data.num_threads", "lm.n_layer", "lm.d_model",
+            "lm.n_head", "lm.d_mlp", "lm.vocab_size", "train_lm.steps", "train_lm.batch_size",
+            "train_lm.lr", "train_lm.eval_batches", "train_lm.log_every", "train_lm.ckpt_every",
+            "train_lm.keep_last", "buffer.producer_batch", "buffer.slot_vectors", "buffer.n_slots",
+            "buffer.pool_size", "buffer.producer_threads", "buffer.timeout_s", "sae.d_in",
+            "sae.n_features", "sae.k", "train_sae.steps", "train_sae.batch_size", "train_sae.lr",
+            "train_sae.dead_window", "train_sae.resample_pool", "train_sae.log_every",
+            "train_sae.ckpt_every", "train_sae.keep_last", "train_sae.eval_contexts", "dist.timeout_s",
+            "analyze.batch_contexts", "analyze.top_k", "analyze.n_intervals",
+            "analyze.interval_samples", "analyze.single_token_frac"}
+NON_NEGATIVE = {"data.max_tokens", "stream.num_workers", "lm.dropout",
+                "train_lm.warmup_steps", "train_lm.weight_decay", "train_lm.grad_clip",
+                "train_lm.min_lr", "buffer.tokens_per_context", "buffer.spare_fraction", "sae.l1_coeff", "sae.aux_k",
+                "sae.aux_coeff", "train_sae.warmup_steps", "train_sae.l1_warmup_steps",
+                "train_sae.grad_clip", "train_sae.eval_every", "train_sae.resample_power",
+                "analyze.tokens", "analyze.window_before", "analyze.window_after", "analyze.ultralow_density"}
 
 
 def _coerce(key: str, value: object, typ: object) -> object:
