@@ -30,14 +30,23 @@ REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def gemm_seconds(B: int, d_in: int, n_features: int, dtype: torch.dtype, reps: int) -> float:
+def sync(device: str) -> None:
+    """Wait for queued GPU work (timings on a GPU end here); a no-op on the CPU."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def gemm_seconds(B: int, d_in: int, n_features: int, dtype: torch.dtype, reps: int, device: str = "cpu") -> float:
     """Median time of one [B, d_in] x [d_in, n_features] GEMM (the encoder's shape)."""
-    a, w = torch.randn(B, d_in, dtype=dtype), torch.randn(n_features, d_in, dtype=dtype)
+    a = torch.randn(B, d_in, dtype=dtype, device=device)
+    w = torch.randn(n_features, d_in, dtype=dtype, device=device)
     a @ w.t()
     times = []
     for _ in range(reps):
+        sync(device)
         t0 = time.perf_counter()
         a @ w.t()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -55,9 +64,11 @@ def step_rate(sae: SAE, x: torch.Tensor, dtype: str, steps: int, adam: str = "fu
     """Vectors/s (median step) of forward + backward + Adam + renormalise, and the path and density seen."""
     # lr tiny: the work is the same and the density stays planted
     opt = torch.optim.Adam(sae.parameters(), lr=1e-7, **{adam: True})
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bf16" else nullcontext
+    dev = x.device.type
+    ctx = (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if dtype == "bf16" else nullcontext
     times, densities, paths = [], [], set()
     for i in range(steps + 1):  # one warm-up step
+        sync(dev)
         t0 = time.perf_counter()
         with ctx():
             out = sae(x)
@@ -65,6 +76,7 @@ def step_rate(sae: SAE, x: torch.Tensor, dtype: str, steps: int, adam: str = "fu
         opt.step()
         opt.zero_grad(set_to_none=True)
         sae.normalize_decoder()
+        sync(dev)
         if i:
             times.append(time.perf_counter() - t0)
             paths.add(sae.last_path)
@@ -76,15 +88,15 @@ def step_rate(sae: SAE, x: torch.Tensor, dtype: str, steps: int, adam: str = "fu
 
 def bench_shape(args, n_features: int, dtype: str) -> dict:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, args.d_in, generator=g).relu()  # [B, d_in] MLP-like (non-negative)
+    x = torch.randn(args.batch, args.d_in, generator=g).relu().to(args.device)  # [B, d_in] MLP-like, >= 0
     cfg = SAEConfig(recipe=args.recipe, d_in=args.d_in, n_features=n_features,
                     k=max(1, round(args.l0[0] * n_features)))
-    t_gemm = gemm_seconds(args.batch, args.d_in, n_features, DTYPES[dtype], args.gemm_reps)
+    t_gemm = gemm_seconds(args.batch, args.d_in, n_features, DTYPES[dtype], args.gemm_reps, args.device)
     row = {"n_features": n_features, "dtype": dtype, "recipe": args.recipe,
            "gemm_gflops": 2 * args.batch * args.d_in * n_features / t_gemm / 1e9,
            "ceiling_vectors_per_s": args.batch / (5 * t_gemm), "sparse": []}
     for i, frac in enumerate(args.l0):
-        sae = SAE(cfg, generator=torch.Generator().manual_seed(1), sparse="on")
+        sae = SAE(cfg, generator=torch.Generator().manual_seed(1), sparse="on").to(args.device)
         sae.init_from_data(x)
         plant_density(sae, x, frac)
         if i == 0:
@@ -105,9 +117,9 @@ def bench_checkpoint(args, path: str, dtypes: list[str]) -> dict:
     versus the dense step."""
     from monosem.checkpoint import load_sae
 
-    sae, meta = load_sae(path)
+    sae, meta = load_sae(path, device=args.device)
     sae = sae.float().train()
-    x = torch.randn(args.batch, sae.cfg.d_in, generator=torch.Generator().manual_seed(0)).relu()
+    x = torch.randn(args.batch, sae.cfg.d_in, generator=torch.Generator().manual_seed(0)).relu().to(args.device)
     out = {"path": str(path), "n_features": sae.cfg.n_features, "d_in": sae.cfg.d_in,
            "recipe": sae.recipe, "step": meta.get("step") if isinstance(meta, dict) else None}
     for dtype in dtypes:
@@ -146,10 +158,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--adam", default="fused", choices=["fused", "foreach"],
                    help="torch.optim.Adam implementation (fused: one kernel per parameter)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (timings end with a synchronize)")
     p.add_argument("--sae", default="", help="also time a trained SAE (checkpoint path for load_sae)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = {"batch_size": args.batch, "d_in": args.d_in, "threads": torch.get_num_threads(),
+    result = {"device": args.device, "batch_size": args.batch, "d_in": args.d_in,
+              "threads": torch.get_num_threads(),
               "cpus": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "torch": torch.__version__, "steps": args.steps, "adam": args.adam, "l0_fractions": args.l0,
               "ceiling_definition": "B / (5 * t_gemm): 10*B*d_in*n_features FLOP at the GEMM rate of "
