@@ -7,7 +7,9 @@
 Every variant trains the same SAE (same init, same batches, in this process, CPU-sized) on MLP
 activations of the run's frozen LM, held in memory (a pool of --pool-contexts train contexts):
   none           no resampling;
-  paper          the resampling before the fix: new directions = the raw input x, Adam moments zeroed;
+  paper          the paper's resampling: new directions = the raw input x, b_enc = 0, Adam moments zeroed;
+  density        the default (train_sae.resample_bias = "density"): the paper's, but each new feature's
+                 b_enc set so that it fires as often as the alive features do (resample.density_bias);
   centred        directions = x − b_dec (what the encoder reads, since it encodes x − b_dec);
   centred+adam   and the resampled rows' Adam second moments set to the alive rows' mean (a per-row
                  warm-up instead of ~3.2·lr first steps);
@@ -41,7 +43,8 @@ VARIANTS = {"none": None, "paper": {"centre": False, "adam": "zero"},
             "centred": {"centre": True, "adam": "zero"},
             "centred+adam": {"centre": True, "adam": "alive"},
             "centred+warmup": {"centre": True, "adam": "zero", "warmup": True},
-            "paper+warmup": {"centre": False, "adam": "zero", "warmup": True}}
+            "paper+warmup": {"centre": False, "adam": "zero", "warmup": True},
+            "density": {"centre": False, "adam": "zero", "bias": True}}
 
 
 @torch.no_grad()
@@ -102,8 +105,11 @@ def train(pool: torch.Tensor, how: dict | None, a) -> dict:
                 cand = pool[torch.randint(len(pool), (a.resample_pool,), generator=draw)]
                 losses = resample.resample_losses(sae, cand)
                 chosen = cand[resample.choose_inputs(losses, len(dead), 2.0, draw)]
+                bias = {"bias_sample": cand[:16384],  # as the trainer: L0 / alive features
+                        "density": float(active.sum(1).float().mean()) / (a.n_features - len(dead))
+                        } if how.get("bias") else {}
                 resample.resample_(sae, opt.state, dead, chosen, centre=how["centre"],
-                                   adam=how["adam"])
+                                   adam=how["adam"], **bias)
                 last_resample = step
                 last_fired[dead] = step
                 probe = (dead, sae.W_enc[dead].detach().clone())
@@ -160,7 +166,7 @@ def main() -> None:
     ap.add_argument("--pool-contexts", type=int, default=2048)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=50, help="LR warm-up steps after a resampling")
-    ap.add_argument("--variants", default="none,paper,paper+warmup,centred")
+    ap.add_argument("--variants", default="none,paper,density")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/resampling"))
     a, rest = ap.parse_known_args()

@@ -38,6 +38,7 @@ TOKEN_SAMPLE = 16       # sampled fired-on tokens per feature (candidates for "t
 MIN_SINGLE_FIRES = 10   # fewer fires than this: too little evidence to call a feature single-token
 N_LOGITS = 10           # top and bottom logit-weight tokens per feature
 CACHE = "analysis.pt"
+CACHE_FORMAT = 2        # bump when collect() changes what it returns: older caches are collected again
 
 
 def report_dir(cfg: Config) -> Path:
@@ -62,7 +63,7 @@ def analyze(cfg: Config, resume: bool = False) -> Path:
         res = collect(cfg, lm, sae)
         res["key"] = key
     res["logit_top_ids"], res["logit_top"], res["logit_bot_ids"], res["logit_bot"] = \
-        effects.logit_weights(lm, sae, N_LOGITS)
+        effects.logit_weights(lm, sae, N_LOGITS, vocab=res["token_counts"].nonzero()[:, 0])
     info = {"sae": meta.get("name", "sae"), "step": int(meta.get("step", 0)), "recipe": sae.recipe,
             "sae_dir": str(cfg.sae_dir), "ctx_len": lm.ctx_len, "cfg": cfg.analyze}
     index = write_report(out, res, info, token_text())
@@ -78,9 +79,9 @@ def cache_key(cfg: Config, sae: torch.nn.Module, meta: dict) -> str:
     a = cfg.analyze
     manifest = read_manifest(cfg.data_dir)
     return json.dumps({
-        "sae": weights_identity(sae.state_dict()), "lm": lm_identity(cfg.lm_dir),
+        "format": CACHE_FORMAT, "sae": weights_identity(sae.state_dict()), "lm": lm_identity(cfg.lm_dir),
         "val": [e.get("sha256") for e in manifest["splits"]["val"]["shards"]], "seed": cfg.run.seed,
-        "pass": [a.tokens, a.top_k, a.n_intervals, a.interval_samples, a.window_before,
+        "pass": [a.tokens, a.skip_positions, a.top_k, a.n_intervals, a.interval_samples, a.window_before,
                  a.window_after, a.ablate, TOKEN_SAMPLE]}, sort_keys=True)
 
 
@@ -110,10 +111,13 @@ def n_contexts(cfg: Config, ctx_len: int) -> int:
 @torch.no_grad()
 def run_pass(cfg: Config, lm: torch.nn.Module, sae: torch.nn.Module, desc: str,
              fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], None]) -> int:
-    """Stream val contexts through LM + SAE; fn(tokens [B, T], resid, h, f [B*T, F], seq0). -> tokens."""
+    """Stream val contexts through LM + SAE; fn(tokens [B, T], resid, h, f [B*T, F], seq0) -> tokens
+    counted (the first analyze.skip_positions of each context have f = 0 and are not counted)."""
     from monosem.stream import TokenStream
 
-    T = lm.ctx_len
+    T, skip = lm.ctx_len, cfg.analyze.skip_positions
+    if skip >= T:
+        raise MonosemError(f"analyze.skip_positions = {skip} leaves nothing of contexts of {T} tokens")
     n_ctx = n_contexts(cfg, T)
     stream = TokenStream.from_config(cfg, "val", 0, 1, loop=False)
     batches = stream.batches(cfg.analyze.batch_contexts)
@@ -128,6 +132,7 @@ def run_pass(cfg: Config, lm: torch.nn.Module, sae: torch.nn.Module, desc: str,
                                    f"in {cfg.lm_dir} takes {T}")
             resid, h = effects.hook_acts(lm, tokens)
             f = sae.encode(h.reshape(-1, h.shape[-1]).to(sae.W_dec.dtype)).float()  # [B*T, F]
+            f.view(len(tokens), T, -1)[:, :skip] = 0                          # never fires there
             fn(tokens, resid, h, f, seq0)
             seq0 += len(tokens)
             bar.update(len(tokens) * T)
@@ -136,14 +141,20 @@ def run_pass(cfg: Config, lm: torch.nn.Module, sae: torch.nn.Module, desc: str,
     finally:
         batches.close()
         bar.close()
-    return seq0 * T
+    return seq0 * (T - skip)
 
 
 def collect(cfg: Config, lm: torch.nn.Module, sae: torch.nn.Module) -> dict:
     """Both passes; a dict of tensors (what the report and the cache hold)."""
     a, T, F = cfg.analyze, lm.ctx_len, sae.cfg.n_features
     p1 = featstats.Pass1(F, a.top_k, a.window_before, a.window_after, TOKEN_SAMPLE, cfg.run.seed)
-    n_tokens = run_pass(cfg, lm, sae, "analyze 1/2", lambda t, r, h, f, s: p1.update(t, f, s))
+    token_counts = torch.zeros(lm.wte.weight.shape[0], dtype=torch.int64)   # [V] of the counted tokens
+
+    def step1(tokens, resid, h, f, seq0):
+        p1.update(tokens, f, seq0)
+        token_counts.add_(torch.bincount(tokens[:, a.skip_positions:].flatten(), minlength=len(token_counts)))
+
+    n_tokens = run_pass(cfg, lm, sae, "analyze 1/2", step1)
     p2 = featstats.Pass2(p1, a.n_intervals, a.interval_samples, cfg.run.seed)
     # ablations of the top contexts, in pass 2, as their contexts come by again
     index = p1.top.index                                                       # [F, k]
@@ -165,7 +176,7 @@ def collect(cfg: Config, lm: torch.nn.Module, sae: torch.nn.Module) -> dict:
 
     run_pass(cfg, lm, sae, "analyze 2/2", step2)
     top_token, top_share = p2.top_token(p1.fires)
-    return {"n_tokens": torch.tensor(n_tokens), "fires": p1.fires, "max": p1.max,
+    return {"n_tokens": torch.tensor(n_tokens), "token_counts": token_counts, "fires": p1.fires, "max": p1.max,
             "mean": (p1.sum / p1.fires.clamp_min(1)).float(), "top_token": top_token,
             "top_share": top_share.float(), "ablation": delta, **p1.top.state("top"),
             **p2.intervals.state("iv")}

@@ -220,6 +220,10 @@ class TrainSAEConfig:
     """Inputs held for resampling, summed over processes."""
     resample_power: float = 2.0
     """Draw inputs with probability ∝ loss^power (2 = the paper's square, 0.5 = sqrt)."""
+    resample_bias: Literal["density", "zero"] = "density"
+    """A resampled feature's encoder bias: `density` starts it firing as often as the alive features
+    do now (on a sample of the resampling pool); `zero` is the paper's (it then fires on ~half of all
+    inputs and crowds other features out: see monosem/resample.py)."""
     log_every: int = 50
     """Metrics to TensorBoard every this many steps."""
     eval_every: int = 500
@@ -248,6 +252,9 @@ class AnalyzeConfig:
     """SAE to analyze inside the latest checkpoint of `train_sae.out` (empty = its only / first SAE)."""
     tokens: int = 1000000
     """Held-out (val split) tokens streamed through the LM and the SAE (0 = the whole split)."""
+    skip_positions: int = 1
+    """Leading positions of each context left out of every statistic: at position 0 the LM's attention
+    sees only that token, so its MLP activations are outliers that would fill the top lists."""
     batch_contexts: int = 16
     """Contexts per LM + SAE forward (memory: batch_contexts x ctx_len x n_features floats)."""
     top_k: int = 10

@@ -34,7 +34,7 @@ NON_NEGATIVE = {"data.max_tokens", "stream.num_workers", "lm.dropout",
                 "train_lm.min_lr", "buffer.tokens_per_context", "buffer.spare_fraction", "sae.l1_coeff", "sae.aux_k",
                 "sae.aux_coeff", "train_sae.warmup_steps", "train_sae.l1_warmup_steps",
                 "train_sae.grad_clip", "train_sae.eval_every", "train_sae.resample_power",
-                "analyze.tokens", "analyze.window_before", "analyze.window_after", "analyze.ultralow_density"}
+                "analyze.tokens", "analyze.skip_positions", "analyze.window_before", "analyze.window_after", "analyze.ultralow_density"}
 
 
 def _coerce(key: str, value: object, typ: object) -> object:

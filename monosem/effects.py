@@ -30,19 +30,24 @@ def decoder_columns(sae: torch.nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logit_weights(lm: torch.nn.Module, sae: torch.nn.Module, n: int = 10,
-                  chunk: int = 256) -> tuple[torch.Tensor, ...]:
-    """(top ids, top values, bottom ids, bottom values), each [n_features, n], over GPT-2's real ids."""
+def logit_weights(lm: torch.nn.Module, sae: torch.nn.Module, n: int = 10, chunk: int = 256,
+                  vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """(top ids, top values, bottom ids, bottom values), each [n_features, n], over GPT-2's real ids, or
+    over the ids in `vocab` (analyze passes the tokens of the analysed text: a token the LM never saw
+    keeps a random embedding that would otherwise fill both lists)."""
     block = lm.blocks[lm.hook]
     u = block.mlp.W_out.weight.float() @ decoder_columns(sae)                  # [d_model, F]
     u = (u - u.mean(0, keepdim=True)) * lm.ln_f.weight.float()[:, None]       # LN: centre, gain
-    W_U = lm.wte.weight.float()[: min(N_VOCAB, lm.wte.weight.shape[0])]        # [V, d_model]
+    ids = torch.arange(min(N_VOCAB, lm.wte.weight.shape[0]))
+    if vocab is not None and len(vocab):
+        ids = vocab[vocab < len(ids)].long()
+    W_U = lm.wte.weight.float()[ids]                                           # [V, d_model]
     out = [[], [], [], []]
     for lo in range(0, u.shape[1], chunk):
         logits = (W_U @ u[:, lo:lo + chunk]).T                                 # [c, V]
         k = min(n, logits.shape[1])
         top, bot = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
-        for lst, t in zip(out, (top.indices, top.values, bot.indices, bot.values)):
+        for lst, t in zip(out, (ids[top.indices], top.values, ids[bot.indices], bot.values)):
             lst.append(t)
     return tuple(torch.cat(lst) for lst in out)
 

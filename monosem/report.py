@@ -43,6 +43,11 @@ def shown(text: str) -> str:
     return text.replace("\n", "\u21b5").replace("\t", "\u2192")
 
 
+def shown_alone(text: str) -> str:
+    """A token shown out of context (a table cell): spaces too made visible when it is all whitespace."""
+    return shown(text).replace(" ", "\u2423") if text and not text.strip(" ") else shown(text)
+
+
 def context_html(tokens: torch.Tensor, acts: torch.Tensor, centre: int, vmax: float,
                  text: Callable[[int], str]) -> str:
     """One context window: a span per token, shaded by the feature's activation, value in a tooltip."""
@@ -76,7 +81,7 @@ def feature_page(j: int, res: dict, cls: dict, info: dict, text: Callable[[int],
     body = [f"<p><a href='../index.html'>all features</a></p><h1>Feature {j}</h1><table>",
             *(f"<tr><th>{E(k)}</th><td>{E(v)}</td></tr>" for k, v in facts), "</table>"]
     logit = lambda ids, vals: ", ".join(  # noqa: E731
-        f"<code>{E(shown(text(int(i))))}</code> {float(v):+.3f}" for i, v in zip(ids, vals))
+        f"<code>{E(shown_alone(text(int(i))))}</code> {float(v):+.3f}" for i, v in zip(ids, vals))
     body += ["<h2>Logit weights</h2><p>(decoder column through W_out, the final LayerNorm's centring "
              "and gain, and the unembedding)</p>",
              f"<p>top: {logit(res['logit_top_ids'][j], res['logit_top'][j])}</p>",
@@ -125,11 +130,11 @@ def index_page(res: dict, cls: dict, info: dict, text: Callable[[int], str]) -> 
         dl = float(d.mean()) if len(d) else float("nan")
         logd = float(torch.log10(cls["density"][j]))
         tok = text(int(res["top_token"][j]))
-        logits = " ".join(shown(text(int(i))) for i in res["logit_top_ids"][j][:3])
+        logits = " ".join(shown_alone(text(int(i))) for i in res["logit_top_ids"][j][:3])
         cells = [(j, f"<a href='f/{j:05d}.html'>{j}</a>"), (logd, f"{logd:.2f}"),
                  (float(res["max"][j]), f"{float(res['max'][j]):.3g}"),
                  (int(cls["single_token"][j]), "yes" if cls["single_token"][j] else ""),
-                 (tok, f"<code>{E(shown(tok))}</code>"),
+                 (tok, f"<code>{E(shown_alone(tok))}</code>"),
                  (float(res["top_share"][j]), f"{float(res['top_share'][j]):.0%}"),
                  (dl if dl == dl else -1e9, f"{dl:+.4f}" if dl == dl else ""), (logits, E(logits))]
         rows.append("<tr>" + "".join(f"<td data-v='{E(str(v))}'>{h}</td>" for v, h in cells) + "</tr>")
@@ -182,7 +187,7 @@ def tensorboard_text(logdir: str | Path, step: int, res: dict, info: dict,
     from monosem.analyze import classify
 
     cls = classify(res, info["cfg"])
-    esc = lambda s: shown(s).replace("|", "\\|").replace("`", "'")  # noqa: E731
+    esc = lambda s: shown_alone(s).replace("|", "\\|").replace("`", "'")  # noqa: E731
     lines = ["| feature | density | max | fires most on | single-token | top logits |",
              "|---|---|---|---|---|---|"]
     for j in top_features(res, cls):

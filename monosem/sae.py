@@ -115,7 +115,8 @@ class SAE(nn.Module):
     """`sparse` (auto | on | off) and `sparse_threshold` choose the training step's path: `auto` runs the
     sparse step when the batch's active entries / (B x n_features) <= sparse_threshold (train_sae.sparse,
     train_sae.sparse_threshold). After each forward, `last_path` is "sparse", "dense" or "autograd" (input
-    that requires grad) and `last_density` the measured density (nan when not measured)."""
+    that requires grad), `last_density` the measured density (nan when not measured) and `last_counts`
+    how many vectors each feature fired on ([n_features] int64; None after the autograd path)."""
 
     def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None, sparse: str = "auto",
                  sparse_threshold: float = SPARSE_THRESHOLD):
@@ -125,7 +126,7 @@ class SAE(nn.Module):
         if not 0.0 <= sparse_threshold <= 1.0:
             raise ConfigError(f"train_sae.sparse_threshold must be in [0, 1]; got {sparse_threshold}")
         self.sparse_mode, self.sparse_threshold = sparse, float(sparse_threshold)
-        self.last_path, self.last_density = "", float("nan")
+        self.last_path, self.last_density, self.last_counts = "", float("nan"), None
         if cfg.recipe not in RECIPES:
             raise MonosemError(f"sae.recipe must be one of {', '.join(RECIPES)}; got {cfg.recipe!r}")
         if cfg.recipe == "topk" and not 0 < cfg.k <= cfg.n_features:
@@ -251,7 +252,7 @@ class SAE(nn.Module):
         GEMMs run in its dtype and f comes back in it; x_hat and the loss parts stay float32."""
         lam = 0.0 if self.recipe == "topk" else (self.cfg.l1_coeff if l1_coeff is None else l1_coeff)
         if x.requires_grad:
-            self.last_path, self.last_density = "autograd", float("nan")
+            self.last_path, self.last_density, self.last_counts = "autograd", float("nan"), None
             return self._forward_autograd(x, lam, dead_mask)
         lead, d_in = x.shape[:-1], self.cfg.d_in
         xs = (x * self.scale).reshape(-1, d_in)  # [B, d_in] in the SAE's working space
@@ -266,7 +267,7 @@ class SAE(nn.Module):
         with torch.autocast(dev, enabled=False):
             xs_hat, f, mse, l1, aux = SAEStep.apply(self.W_enc, self.b_enc, self.W_dec, self.b_dec, xs,
                                                     spec, info)
-        self.last_path, self.last_density = info["path"], info["density"]
+        self.last_path, self.last_density, self.last_counts = info["path"], info["density"], info["counts"]
         x_hat = (xs_hat / self.scale).reshape(*lead, d_in)
         return SAEOutput(x_hat, f.reshape(*lead, -1), mse, l1, mse + lam * l1 + aux, aux)
 

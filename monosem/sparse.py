@@ -184,7 +184,8 @@ class SAEStep(torch.autograd.Function):
         else:
             xs_hat = torch.addmm(b_dec.to(cd), f, W_dec.to(cd).t()).to(exact)
             colsum = f.sum(0, dtype=exact)                                        # [m]
-        info.update(path="sparse" if sparse else "dense", density=density)
+        counts = torch.bincount(pat.cols, minlength=m) if sparse else (f > 0).sum(0)   # [m] fires
+        info.update(path="sparse" if sparse else "dense", density=density, counts=counts)
         l1 = (colsum @ norms if norms is not None else colsum.sum()) / B
         r = xs_hat - xs.to(exact)                                                 # [B, d_in]
         mse = r.pow(2).mean()

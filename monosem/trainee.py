@@ -125,7 +125,9 @@ def forward_backward(t: Trainee, x: torch.Tensor, step: int, cfg: Config) -> flo
         out = t.model(x, l1_coeff=l1_coeff, dead_mask=dead)
     zero.backward(t.accelerator, t.model, out.loss)  # W_dec's gradient comes back projected
     with torch.no_grad():
-        counts = (out.f > 0).sum(0)                                     # [n_features]: one pass over f
+        counts = t.sae.last_counts                                      # [n_features] (sparse: no pass over f)
+        if counts is None:
+            counts = (out.f > 0).sum(0)
         t.last_fired[counts > 0] = step + 1
         t.fire_counts += counts
         t.fire_vectors += x.shape[0]
@@ -185,6 +187,18 @@ def log_metrics(trainees: list[Trainee], step: int, cfg: Config, buffer_stats: d
     return out
 
 
+BIAS_SAMPLE = 16384  # reservoir rows (over all ranks) on which a resampled feature's bias is set
+
+
+def _bias_target(t: Trainee, x: torch.Tensor, n_dead: int) -> dict:
+    """The same on every rank: the first rows of each rank's reservoir (a uniform sample), and the alive
+    features' mean density in this step's batch (L0 / alive features, averaged over ranks)."""
+    sample = dist.all_gather_cat(x[: max(1, BIAS_SAMPLE // dist.world_size())])      # [S, d_in]
+    l0 = dist.all_reduce_sum(torch.tensor([t.last.get("l0", 0.0)], dtype=torch.float64,
+                                          device=x.device)).item() / dist.world_size()
+    return {"bias_sample": sample, "density": l0 / max(1, t.sae.cfg.n_features - n_dead)}
+
+
 @torch.no_grad()
 def resample_dead(t: Trainee, reservoir: resample.Reservoir, step: int, cfg: Config) -> int:
     """The paper's resampling of features dead over the last dead_window steps; returns how many.
@@ -204,9 +218,10 @@ def resample_dead(t: Trainee, reservoir: resample.Reservoir, step: int, cfg: Con
         gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)  # on the CPU: same on any device
         inputs = dist.gather_chosen(losses, x, lambda all_losses: resample.choose_inputs(
             all_losses.cpu(), len(dead_idx), ts.resample_power, gen))  # [n_dead, d_in]
+        bias = _bias_target(t, x, len(dead_idx)) if ts.resample_bias == "density" else {}
         # weights and their Adam rows, wherever the engine keeps them (ZeRO: gathered, written back)
-        zero.edit_params_(t.model, t.opt, list(resample.RESAMPLED_PARAMS),
-                          lambda p, s: resample.resample_params_(p, s, dead_idx, inputs))
+        zero.edit_params_(t.model, t.opt, [*resample.RESAMPLED_PARAMS, "b_dec"],
+                          lambda p, s: resample.resample_params_(p, s, dead_idx, inputs, **bias))
         t.last_fired[dead_idx] = step
     t.fire_counts.zero_()  # densities restart: resampled features begin anew
     t.fire_vectors = 0

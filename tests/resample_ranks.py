@@ -106,7 +106,7 @@ def exercise(cfg, accelerator) -> dict:
     for j, t in enumerate(trainees):
         sets = planted_sets(j, t.cfg.n_features)
         t.last_fired.copy_(planted_last_fired(sets, rank, step, t.cfg.n_features))
-        pre = snapshot(t)
+        pre, pre_l0 = snapshot(t), t.last["l0"]  # the step's L0 sets a resampled feature's bias
         record["current"] = t.name
         record[t.name] = {}
         n = trainee.resample_dead(t, reservoir, step, cfg)
@@ -114,7 +114,7 @@ def exercise(cfg, accelerator) -> dict:
         sae_step(t, synthetic(2, rank, 0, ts.batch_size, cfg.sae.d_in), step, cfg)
         after = zero.model_state_dict(t.model)
         dump["trainees"][t.name] = {"planted": sets, "pre": pre, "post": post, "after_step": after,
-                                    "n_resampled": n, **record[t.name]}
+                                    "n_resampled": n, "l0": pre_l0, **record[t.name]}
     for t in trainees:
         t.writer.close()
     return dump

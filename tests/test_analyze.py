@@ -155,6 +155,20 @@ def test_logit_weights_rank_tokens_as_the_real_layernorm_does():
     assert (top_vals[:, 0] >= top_vals[:, -1]).all() and (bot_vals[:, 0] <= bot_vals[:, -1]).all()
 
 
+def test_logit_weights_over_the_seen_tokens_only():
+    """vocab= ranks only those ids (the tokens of the analysed text), with the same values."""
+    lm, sae = lm_and_sae(1)
+    vocab = torch.randperm(50257, generator=torch.Generator().manual_seed(0))[:300].sort().values
+    top_ids, top_vals, bot_ids, bot_vals = logit_weights(lm, sae, n=5, vocab=vocab)
+    lm64 = lm.double()
+    u = lm64.blocks[0].mlp.W_out.weight @ sae.W_dec.double()
+    for j in range(10):
+        ref = F.linear(lm64.ln_f(u[:, j]), lm64.wte.weight)[vocab] - lm64.wte.weight[vocab] @ lm64.ln_f.bias
+        assert torch.equal(top_ids[j], vocab[ref.topk(5).indices]), j
+        assert torch.equal(bot_ids[j], vocab[ref.topk(5, largest=False).indices]), j
+    assert set(top_ids.flatten().tolist()) <= set(vocab.tolist())
+
+
 @pytest.mark.parametrize("n_layer", [1, 2])
 def test_ablation_matches_a_full_float64_forward(n_layer):
     lm, sae = lm_and_sae(n_layer, seed=3)

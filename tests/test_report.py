@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_report.py
 Needs Debian's `chromium` (apt-get update && apt-get install -y chromium): without it the tests fail.
 """
+import math
 import struct
 
 import numpy as np
@@ -30,8 +31,10 @@ def browser():
 
 
 def val_tokens(cfg) -> np.ndarray:
+    """The tokens analyze counts: every val context without its first analyze.skip_positions."""
     stream = TokenStream.from_config(cfg, "val", 0, 1, loop=False)
-    return np.concatenate([t.numpy().ravel() for t, _ in stream.batches(64)])
+    skip = cfg.analyze.skip_positions
+    return np.concatenate([t.numpy()[:, skip:].ravel() for t, _ in stream.batches(64)])
 
 
 def test_dialog_detection_works(browser, tmp_path):
@@ -103,6 +106,20 @@ def test_dead_ultralow_density_png_and_tensorboard(run, browser):
     assert "| feature |" in table and "`alert`" in table
 
 
+def test_position_0_is_left_out_of_every_statistic(run):
+    """At position 0 the LM sees only that token: analyze.skip_positions = 1 (default) keeps it out of
+    the counts, the top contexts and the interval samples."""
+    cfg, token, index = run
+    import torch
+
+    res = torch.load(index.parent / "analysis.pt", weights_only=True)
+    T, skip = cfg.data.ctx_len, cfg.analyze.skip_positions
+    assert skip == 1 and int(res["n_tokens"]) == len(val_tokens(cfg))
+    for name in ("top_index", "iv_index"):
+        idx = res[name][res[name] >= 0]
+        assert len(idx) > 0 and (idx % T >= skip).all(), name
+
+
 def test_rerun_reuses_the_statistics(run, capsys):
     cfg, token, index = run
     before = (index.parent / "f" / f"{PLANTED:05d}.html").read_text()
@@ -114,6 +131,9 @@ def test_rerun_reuses_the_statistics(run, capsys):
     try:
         analyze(cfg)
         assert "reusing" not in capsys.readouterr().out
-        assert "of 1,024 tokens" in (index.parent / "f" / f"{PLANTED:05d}.html").read_text()
+        T = cfg.data.ctx_len
+        counted = math.ceil(1000 / T) * (T - cfg.analyze.skip_positions)
+        assert f"of {counted:,} tokens" in (index.parent / "f" / f"{PLANTED:05d}.html").read_text()
     finally:
         cfg.analyze.tokens = 1000000
+

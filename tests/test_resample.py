@@ -222,6 +222,34 @@ def test_resample_sets_weights_and_zeroes_adam_rows():
     np.testing.assert_allclose(sae.W_dec.norm(dim=0).detach().numpy(), 1.0, rtol=1e-12)
 
 
+@pytest.mark.parametrize("density", [0.01, 0.1, 0.3])
+def test_density_bias_makes_new_features_fire_at_the_target_density(density):
+    """resample_ with bias_sample: b_enc of each resampled feature = −(k-th largest centred
+    pre-activation on the sample), k = ⌈density·S⌉ (float64 reference, by sorting), so it fires on exactly
+    k sample rows, where the paper's b_enc = 0 fires on a large share (non-negative, MLP-like inputs)."""
+    sae, opt = trained_sae_and_adam()
+    g = torch.Generator().manual_seed(5)
+    sample = torch.rand(3000, D_IN, generator=g, dtype=torch.float64) ** 3    # [S, d_in] >= 0, skewed
+    dead = torch.tensor([2, 9, 30, 33])
+    chosen = sample[:4] * 2
+    b_dec = sae.b_dec.detach().clone()
+    resample_(sae, opt.state, dead, chosen, bias_sample=sample, density=density)
+    k = math.ceil(density * len(sample))
+    pre = (sample - b_dec).numpy() @ sae.W_enc[dead].detach().numpy().T         # [S, 4]
+    b_ref = -np.sort(pre, axis=0)[::-1][k - 1]
+    np.testing.assert_allclose(sae.b_enc[dead].detach().numpy(), b_ref, rtol=1e-12)
+    fires = (pre + sae.b_enc[dead].detach().numpy() > 0).sum(0)
+    assert ((fires == k - 1) | (fires == k)).all()  # the k-th largest sits at 0, up to rounding
+    paper, popt = trained_sae_and_adam()
+    resample_(paper, popt.state, dead, chosen)
+    paper_fires = ((sample - b_dec) @ paper.W_enc[dead].detach().T > 0).double().mean(0)
+    assert (paper_fires > 0.25).all() and torch.count_nonzero(paper.b_enc[dead]) == 0
+    with pytest.raises(MonosemError, match="b_dec"):
+        from monosem.resample import resample_params_
+        resample_params_({k: getattr(sae, k).detach() for k in ("W_enc", "b_enc", "W_dec")}, {},
+                         dead, chosen, bias_sample=sample, density=density)
+
+
 def test_reset_adam_rows_on_plain_state_and_missing_keys():
     state = {"exp_avg": torch.ones(4, 3), "exp_avg_sq": torch.ones(4, 3), "step": torch.tensor(5.0)}
     reset_adam_rows_(state, torch.tensor([2]), dim=1)

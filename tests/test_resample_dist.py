@@ -10,6 +10,7 @@ plants dead features (some dead on one rank only: alive overall through the max 
 the state before and after resampling. The single-process reference starts from the dumped state.
 """
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -96,6 +97,7 @@ def reference(launched, tmp_path_factory):
             zero.load_optimizer_state_(t.model, t.opt, copy.deepcopy(pre[0]["opt"]))
             t.last_fired.copy_(torch.maximum(pre[0]["last_fired"], pre[1]["last_fired"]))
             t.fire_counts.fill_(1)
+            t.last = {"l0": (ranks[0]["trainees"][t.name]["l0"] + ranks[1]["trainees"][t.name]["l0"]) / 2}
             reservoir = resample.Reservoir(len(union), cfg.sae.d_in)
             reservoir.add(union)
             seen["current"], seen[t.name] = t.name, {}
@@ -202,7 +204,15 @@ def test_resampled_state_matches_a_float64_reference(launched):
         torch.testing.assert_close(post["W_dec"][:, dead].double(), direction.T, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(post["W_enc"][dead].double(), direction * ref_norm,
                                    rtol=1e-6, atol=1e-7)
-        assert not post["b_enc"][dead].any()
+        # b_enc: each new feature fires on the alive features' mean density (this step's L0 averaged
+        # over ranks / alive features) of the bias sample (here the whole union, in rank order)
+        density = (d["l0"] + ranks[1]["trainees"][name]["l0"]) / 2 / int(alive.sum())
+        assert 0 < density < 1
+        k = math.ceil(density * len(union64))
+        pre_new = (union64 - pre["b_dec"]) @ post["W_enc"][dead].double().T     # [N, n_dead]
+        b_ref = -pre_new.sort(dim=0, descending=True).values[k - 1]
+        torch.testing.assert_close(post["b_enc"][dead].double(), b_ref, rtol=1e-5, atol=1e-6)
+        assert post["b_enc"][dead].all()  # set, not left at the paper's 0
         # everything else untouched, bit for bit
         for k, dim in ROW_DIM.items():
             keep = alive.nonzero().squeeze(1)

@@ -99,6 +99,7 @@ def test_loss_parts_and_every_gradient_match_float64_reference(recipe, mode, dty
         np.testing.assert_allclose(got.item(), ref, rtol=rtol, err_msg=name)
     if recipe == "topk":
         assert out.aux.item() > 0 and ((out.f > 0).sum(1) <= K).all()
+    assert torch.equal(sae.last_counts, (out.f > 0).sum(0))  # the trainer's fire counts, either path
     out.loss.backward()
     for name, param in sae.named_parameters():
         assert param.grad.dtype == dtype and param.grad.shape == param.shape
