@@ -19,6 +19,14 @@ activations of the run's frozen LM, held in memory (a pool of --pool-contexts tr
 Writes <out>/alive.png (alive features = fired in the last --window steps, over steps, per variant),
 <out>/density.png (log10 density over the final --window steps: dead count in the legend, the
 ultralow cluster on the left), <out>/resampling.json (the numbers) and prints a table and the wall time.
+
+Measured on the quickstart LM (2 cores; the first command above, defaults: 4,096 features, λ 3e-3,
+lr 1e-3, batch 1,024, 600 steps, dead window 150, resampling at 150/300/450; 5 min for 3 variants):
+alive at the end  none 3,862 · paper 2,498 · density 3,883 (centred 3,028, paper+warmup 2,955).
+The paper's bias 0 births each feature firing on ~40% of inputs; at step 300 its 69 new features took
+the MSE from 0.0033 to 23 (still ×13 thirty steps later), and while the SAE repairs it ~1,400 other
+features stop firing (the drop at step ~500 in alive.png is
+features silenced right after the step-300 resampling, counted dead one window later).
 """
 from __future__ import annotations
 

@@ -222,7 +222,7 @@ class TrainSAEConfig:
     """Draw inputs with probability ∝ loss^power (2 = the paper's square, 0.5 = sqrt)."""
     resample_bias: Literal["density", "zero"] = "density"
     """A resampled feature's encoder bias: `density` starts it firing as often as the alive features
-    do now (on a sample of the resampling pool); `zero` is the paper's (it then fires on ~half of all
+    do now (on a sample of the resampling pool); `zero` is the paper's (it then fires on ~40% of all
     inputs and crowds other features out: see monosem/resample.py)."""
     log_every: int = 50
     """Metrics to TensorBoard every this many steps."""

@@ -58,8 +58,8 @@ def context_html(tokens: torch.Tensor, acts: torch.Tensor, centre: int, vmax: fl
         alpha = min(1.0, max(0.0, a / vmax)) if vmax > 0 else 0.0
         cls = "t c" if i == centre else "t"
         tip = f"activation {a:.4g} | token {t} {text(t)!r}"
-        spans.append(f"<span class='{cls}' style='background:rgba(255,128,0,{alpha:.2f})' "
-                     f"title='{E(tip)}'>{E(shown(text(t)))}</span>")
+        shade = f" style='background:rgba(255,128,0,{alpha:.2f})'" if alpha >= 0.005 else ""
+        spans.append(f"<span class='{cls}'{shade} title='{E(tip)}'>{E(shown(text(t)))}</span>")
     return "".join(spans)
 
 

@@ -20,6 +20,7 @@ bf16; the sparse products, the loss parts, the biases and every parameter gradie
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -117,8 +118,29 @@ def _pattern_from_topk(vals: torch.Tensor, idx: torch.Tensor, col_map: torch.Ten
     return _Pattern(rows, cols.flatten()[keep], vals.flatten()[keep].to(dtype), _offsets(rows, B))
 
 
+def _nonzero(f: torch.Tensor) -> torch.Tensor:
+    """torch.nonzero(f) [nnz, 2] in row-major order. On the CPU torch runs it on one thread: here one
+    block of rows per thread (torch ops release the GIL), the blocks' row indices offset back."""
+    n = torch.get_num_threads()
+    if f.device.type != "cpu" or n < 2 or f.shape[0] < 2 * n:
+        return torch.nonzero(f)
+    global _POOL
+    if _POOL is None or _POOL._max_workers != n:
+        _POOL = ThreadPoolExecutor(n, thread_name_prefix="monosem-nonzero")
+    blocks = f.chunk(n)
+    parts = list(_POOL.map(torch.nonzero, blocks))
+    start = 0
+    for block, part in zip(blocks, parts):
+        part[:, 0] += start
+        start += block.shape[0]
+    return torch.cat(parts)
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
 def _pattern_from_dense(f: torch.Tensor, dtype: torch.dtype) -> _Pattern:
-    rows, cols = torch.nonzero(f).unbind(1)  # row-major order
+    rows, cols = _nonzero(f).unbind(1)  # row-major order
     return _Pattern(rows, cols, f[rows, cols].to(dtype), _offsets(rows, f.shape[0]))
 
 
