@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from monosem.config import ConfigError, SAEConfig
 from monosem.errors import MonosemError
-from monosem.sparse import MODES, SAEStep, StepSpec, project_columns
+from monosem.sparse import MODES, SAEStep, StepSpec, column_norms, project_columns
 
 RECIPES = ("anthropic-2023", "anthropic-2024-04", "topk")
 DEC_INIT_NORM_2024 = 0.1  # April 2024 update: decoder columns start as random directions of norm 0.1
@@ -90,7 +90,7 @@ def input_scale(sample: torch.Tensor) -> float:
 
 def normalize_columns_(W_dec: torch.Tensor) -> torch.Tensor:
     """Rescale each column of W_dec [d_in, n_features] to unit norm, in place; returns W_dec."""
-    return W_dec.div_(W_dec.norm(dim=0, keepdim=True).clamp_min(1e-12))
+    return W_dec.div_(column_norms(W_dec, keepdim=True).clamp_min(1e-12))
 
 
 class _ProjectColumnGrad(torch.autograd.Function):

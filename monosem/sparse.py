@@ -20,7 +20,6 @@ bf16; the sparse products, the loss parts, the biases and every parameter gradie
 from __future__ import annotations
 
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -42,13 +41,19 @@ class StepSpec(NamedTuple):
     unit_norm: bool = True            # project W_dec's gradient onto the unit-norm tangent space
 
 
+def column_norms(w: torch.Tensor, dim: int = 0, keepdim: bool = False) -> torch.Tensor:
+    """‖w‖ along `dim` as sqrt(Σ w²): on the CPU ~10x faster than torch.norm(dim=0) of a [512, 4096]."""
+    return (w * w).sum(dim, keepdim=keepdim).sqrt_()
+
+
 def project_columns(g: torch.Tensor, w: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """g minus, per decoder column (a slice along `dim` of a [d_in, n_features] or transposed tensor), its
-    part parallel to that column of w: g - w (w·g)/(w·w). In float32 or wider; returns g's dtype."""
+    part parallel to that column of w: g - w (w·g)/(w·w). In float32 or wider; returns g's dtype.
+    (addcmul: a broadcast multiply then subtract is ~5x slower on the CPU.)"""
     dtype = torch.promote_types(g.dtype, torch.float32)
     w_, g_ = w.to(dtype), g.to(dtype)
     coef = (w_ * g_).sum(dim, keepdim=True) / (w_ * w_).sum(dim, keepdim=True).clamp_min(1e-30)
-    return (g_ - w_ * coef).to(g.dtype)
+    return torch.addcmul(g_, w_, coef, value=-1).to(g.dtype)
 
 
 def _offsets(rows: torch.Tensor, n_bags: int) -> torch.Tensor:
@@ -118,29 +123,8 @@ def _pattern_from_topk(vals: torch.Tensor, idx: torch.Tensor, col_map: torch.Ten
     return _Pattern(rows, cols.flatten()[keep], vals.flatten()[keep].to(dtype), _offsets(rows, B))
 
 
-def _nonzero(f: torch.Tensor) -> torch.Tensor:
-    """torch.nonzero(f) [nnz, 2] in row-major order. On the CPU torch runs it on one thread: here one
-    block of rows per thread (torch ops release the GIL), the blocks' row indices offset back."""
-    n = torch.get_num_threads()
-    if f.device.type != "cpu" or n < 2 or f.shape[0] < 2 * n:
-        return torch.nonzero(f)
-    global _POOL
-    if _POOL is None or _POOL._max_workers != n:
-        _POOL = ThreadPoolExecutor(n, thread_name_prefix="monosem-nonzero")
-    blocks = f.chunk(n)
-    parts = list(_POOL.map(torch.nonzero, blocks))
-    start = 0
-    for block, part in zip(blocks, parts):
-        part[:, 0] += start
-        start += block.shape[0]
-    return torch.cat(parts)
-
-
-_POOL: ThreadPoolExecutor | None = None
-
-
 def _pattern_from_dense(f: torch.Tensor, dtype: torch.dtype) -> _Pattern:
-    rows, cols = _nonzero(f).unbind(1)  # row-major order
+    rows, cols = torch.nonzero(f).unbind(1)  # row-major order
     return _Pattern(rows, cols, f[rows, cols].to(dtype), _offsets(rows, f.shape[0]))
 
 
@@ -197,7 +181,7 @@ class SAEStep(torch.autograd.Function):
         sparse = spec.mode == "on" or (spec.mode == "auto" and density <= spec.threshold)
         W_decx = W_dec.to(exact)
         WT = W_decx.t().contiguous() if sparse or use_aux else None                # [m, d_in]
-        norms = W_decx.norm(dim=0) if spec.recipe == "anthropic-2024-04" else None  # [m]
+        norms = column_norms(W_decx) if spec.recipe == "anthropic-2024-04" else None  # [m]
         if sparse:
             pat = pat or _pattern_from_dense(f, exact)
             density = pat.cols.numel() / max(1, f.numel())  # exact: every active entry is listed
