@@ -207,7 +207,8 @@ def render(merged: dict) -> str:
             f"{m.get('cpus', 'n/a')} CPUs ({m.get('cpu', 'n/a')}, {m.get('cpu_capability', 'n/a')}), "
             f"torch {m.get('torch', 'n/a')}, device {m.get('device', 'n/a')}. "
             + ("Tiny shapes: a smoke test, not figures." if merged.get("quick") else
-               "d_in 512, the quickstart LM; vectors/s, every figure from the same run.") + (
+               "d_in 512, the quickstart LM; vectors/s; each ratio from figures of one run.") + (
+                f" {merged['note']}" if merged.get("note") else "") + (
                 f" Failed stages (n/a): {', '.join(failed)}." if failed else ""))
     parts = [[head], training_table(st), step_table(dig(st, "step", "result")), pipeline_table(st)]
     return "\n\n".join("\n".join(p) for p in parts)
