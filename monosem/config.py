@@ -112,7 +112,7 @@ class TrainLMConfig:
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0 = off)."""
     bf16: bool = False
-    """Run forward/backward under bf16 autocast."""
+    """Run forward/backward under bf16 autocast (a CPU without bf16 instructions emulates it: warned)."""
     eval_every: int = 200
     """Validation loss every this many steps (and at the end)."""
     eval_batches: int = 20
@@ -203,7 +203,8 @@ class TrainSAEConfig:
     grad_clip: float = 0.0
     """Clip the gradient norm to this (0 = off)."""
     bf16: bool = False
-    """Run the SAE forward/backward under bf16 autocast."""
+    """Run the SAE forward/backward under bf16 autocast (a CPU without bf16 instructions emulates it,
+    ~35x slower than fp32: the trainer warns)."""
     threads: int = 0
     """torch threads of the SAE step on a CPU-only machine; 0 = every core (divided among the local
     processes), with each producer niced into the step's gaps (see buffer.producer_nice)."""

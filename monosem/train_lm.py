@@ -122,6 +122,8 @@ def train_lm(cfg: Config, resume: bool = False) -> dict:
     """Train for cfg.train_lm.steps steps; return the final metrics (train_loss, val_loss,
     unigram_entropy, lm_identity, rank_identities, ...) on every rank."""
     accelerator = dist.make_accelerator(cfg, mixed_precision="bf16" if cfg.train_lm.bf16 else "no")
+    if cfg.train_lm.bf16:
+        dist.warn_emulated_bf16(accelerator.device, "train_lm.bf16")
     with dist.guard(accelerator):  # a failing rank stops every rank within seconds
         with Run(cfg.lm_dir, "train-lm", total=cfg.train_lm.steps, resume=resume) as run:
             if run.finished:

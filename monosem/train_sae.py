@@ -47,6 +47,8 @@ def train(cfg: Config, resume: bool = False,
 
     on_batch(step, x [B, d_in], ids [B]) is called with every batch this rank consumes (analysis, tests)."""
     accelerator = dist.make_accelerator(cfg, deepspeed=cfg.dist.deepspeed_stage > 0)
+    if cfg.train_sae.bf16:
+        dist.warn_emulated_bf16(accelerator.device, "train_sae.bf16")
     if not torch.cuda.is_available():  # every core to the step; the producer runs niced in its gaps
         torch.set_num_threads(cfg.train_sae.threads or max(1, (os.cpu_count() or 1) // dist.local_world_size()))
     with dist.guard(accelerator):  # a failing rank stops every rank within seconds

@@ -85,3 +85,19 @@ def test_writer_purges_after_the_checkpoint_step(tmp_path):
             w.scalars(s, {"train/loss": float(s) + 0.5})
     events = read_scalars(tmp_path / "tb" / "sae")["train/loss"]
     assert events == [(5, 5.0), (10, 10.0), (15, 15.5), (20, 20.5)]
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(tmp_path, capsys):
+    """One warning line naming the field when /proc/cpuinfo lists no bf16 instructions; none when it
+    does, and none for a GPU."""
+    from monosem import dist
+
+    plain, bf16 = tmp_path / "cpuinfo", tmp_path / "cpuinfo-bf16"
+    plain.write_text("flags\t\t: fpu sse2 avx2 fma\n")
+    bf16.write_text("flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n")
+    assert dist.warn_emulated_bf16(torch.device("cpu"), "train_sae.bf16", str(plain))
+    err = capsys.readouterr().err
+    assert err.startswith("monosem: warning: train_sae.bf16 = true") and err.count("\n") == 1, err
+    assert not dist.warn_emulated_bf16(torch.device("cpu"), "train_sae.bf16", str(bf16))
+    assert not dist.warn_emulated_bf16(torch.device("cuda", 0), "train_lm.bf16", str(plain))
+    assert capsys.readouterr().err == ""
