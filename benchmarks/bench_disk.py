@@ -31,7 +31,6 @@ import tempfile
 import time
 from contextlib import closing
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Iterator
 
 import numpy as np
@@ -45,7 +44,6 @@ from monosem.config import Config  # noqa: E402
 from monosem.configfile import load_config  # noqa: E402
 from monosem.errors import MonosemError  # noqa: E402
 from monosem.files import open_atomic, write_json_atomic  # noqa: E402
-from monosem.metrics import MetricsWriter  # noqa: E402
 from monosem.producer import LMSource  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,9 +110,8 @@ def train_phase(cfg: Config, paths: list[Path], warmup: int, steps: int, shuffle
     ts, stats = cfg.train_sae, {"read_s": 0.0}
     ts.steps = warmup + steps  # the LR schedule spans this run, as in bench_train's train()
     accelerator = dist.make_accelerator(cfg)
-    run = SimpleNamespace(writer=lambda logdir, config_text=None: MetricsWriter(logdir, enabled=False))
     torch.manual_seed(cfg.run.seed)
-    t = trainee.build_trainees(cfg, accelerator, None, run)[0]
+    t = trainee.build_trainees(cfg, accelerator, None)[0]
     batches = shuffled_batches(paths, ts.batch_size, shuffle_shards, cfg.run.seed, stats)
     sparse_steps = 0
     for step in range(warmup + steps):

@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -34,7 +33,7 @@ from monosem.buffer import ActivationBuffer  # noqa: E402
 from monosem.checkpoint import load_checkpoint  # noqa: E402
 from monosem.configfile import load_config  # noqa: E402
 from monosem.files import write_json_atomic  # noqa: E402
-from monosem.metrics import MetricsWriter, read_scalars  # noqa: E402
+from monosem.metrics import read_scalars  # noqa: E402
 from monosem.train_sae import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,9 +49,8 @@ def step_only(cfg, xs: list[torch.Tensor], steps: int, ckpt=None) -> dict:
     """Vectors/s of the trainer's own step on batches in memory (2 warm-up steps), every core."""
     torch.set_num_threads(os.cpu_count() or 1)
     accelerator = dist.make_accelerator(cfg)
-    run = SimpleNamespace(writer=lambda logdir, config_text=None: MetricsWriter(logdir, enabled=False))
     torch.manual_seed(cfg.run.seed)
-    t = trainee.build_trainees(cfg, accelerator, ckpt, run)[0]
+    t = trainee.build_trainees(cfg, accelerator, ckpt)[0]
     step0 = ckpt.step if ckpt is not None else 1  # past the data-dependent init
     for i in range(steps + 2):
         if i == 2:

@@ -21,6 +21,7 @@ import time
 import traceback
 from contextlib import suppress
 from datetime import timedelta
+from pathlib import Path
 from typing import Iterator, NoReturn
 
 import torch
@@ -63,11 +64,13 @@ def make_accelerator(cfg: Config, *, deepspeed: bool = False, mixed_precision: s
 def warn_emulated_bf16(device: torch.device, field: str, cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Say once (rank 0) when bf16 is asked for on a CPU without bf16 instructions: torch emulates it
     there, ~35x slower than fp32 on an AVX2 machine. Returns whether it warned."""
+    if device.type != "cpu" or not is_main():
+        return False
     try:
-        flags = open(cpuinfo).read()
+        flags = Path(cpuinfo).read_text()
     except OSError:
         return False
-    if device.type != "cpu" or not is_main() or any(f in flags for f in ("avx512_bf16", "amx_bf16")):
+    if any(f in flags for f in ("avx512_bf16", "amx_bf16")):
         return False
     print(f"monosem: warning: {field} = true, but this CPU has no bf16 instructions (no avx512_bf16 or "
           f"amx_bf16 in {cpuinfo}): bf16 is emulated, ~35x slower than fp32 here", file=sys.stderr)

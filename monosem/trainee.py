@@ -71,9 +71,11 @@ def sweep(cfg: Config) -> list[tuple[str, SAEConfig]]:
             for n, l1 in itertools.product(sizes, l1s)]
 
 
-def build_trainees(cfg: Config, accelerator, ckpt: checkpoint.Checkpoint | None, run) -> list[Trainee]:
+def build_trainees(cfg: Config, accelerator, ckpt: checkpoint.Checkpoint | None,
+                   run=None) -> list[Trainee]:
     """Create (or restore) every SAE and its Adam optimizer on accelerator.device, prepared for data
-    parallelism; `run` (monosem.loop.Run) makes the TensorBoard writers."""
+    parallelism; `run` (monosem.loop.Run) makes the TensorBoard writers (None: disabled writers, for
+    benchmarks and tests that time or check the step alone)."""
     out, device = [], accelerator.device
     rank_state = ckpt.rank_state(dist.rank()) if ckpt is not None else {}
     for name, scfg in sweep(cfg):
@@ -89,7 +91,9 @@ def build_trainees(cfg: Config, accelerator, ckpt: checkpoint.Checkpoint | None,
         if ckpt is not None:
             zero.load_optimizer_state_(model, opt, ckpt.load_object("optimizer", name))
         n = scfg.n_features
-        writer = run.writer(cfg.sae_dir / "tb" / name, config_text=to_toml(cfg))
+        logdir = cfg.sae_dir / "tb" / name
+        writer = (run.writer(logdir, config_text=to_toml(cfg)) if run is not None
+                  else MetricsWriter(logdir, enabled=False))
         t = Trainee(name, scfg, raw, model, opt, accelerator, writer,
                     torch.zeros(n, dtype=torch.int64, device=device),
                     torch.zeros(n, dtype=torch.int64, device=device))

@@ -74,13 +74,18 @@ def deepspeed_kwargs(cfg: Config) -> dict:
 
 def zero_stage(model) -> int:
     """The ZeRO stage of an accelerate-prepared model (0: plain module or DDP)."""
-    return int(model.zero_optimization_stage()) if hasattr(model, "zero_optimization_stage") else 0
+    return int(model.zero_optimization_stage()) if is_engine(model) else 0
+
+
+def is_engine(model) -> bool:
+    """Whether `model` is a DeepSpeed engine (any ZeRO stage), not a plain module or a DDP wrapper."""
+    return hasattr(model, "zero_optimization_stage")
 
 
 def backward(accelerator, model, loss: torch.Tensor) -> None:
     """Gradients of loss on any engine. Under DeepSpeed accelerate's backward also takes the optimizer
     step; the engine's own backward does not, so the trainer can check the loss on every rank first."""
-    if hasattr(model, "zero_optimization_stage"):
+    if is_engine(model):
         model.backward(loss)
     else:
         accelerator.backward(loss)
@@ -88,7 +93,7 @@ def backward(accelerator, model, loss: torch.Tensor) -> None:
 
 def step(accelerator, model, optimizer, grad_clip: float) -> None:
     """Clip (DeepSpeed: its engine clips, per its config), step and clear the gradients on any engine."""
-    if hasattr(model, "zero_optimization_stage"):
+    if is_engine(model):
         model.step()
         return
     if grad_clip:

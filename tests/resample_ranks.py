@@ -10,13 +10,11 @@ The chosen indices and rows are recorded by pass-through spies on `resample.choo
 import copy
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from monosem import dist, resample, trainee, zero
 from monosem.configfile import load_config
-from monosem.metrics import MetricsWriter
 
 REPO = Path(__file__).resolve().parents[1]
 RESERVOIR_BATCHES = {0: (3, 64), 1: (3, 32)}  # rank -> (batches, rows): rank 0 overflows (Algorithm R),
@@ -71,11 +69,6 @@ def install_spies(record: dict) -> None:
     resample.choose_inputs, dist.gather_chosen = choose_spy, gather_spy
 
 
-def quiet_run() -> SimpleNamespace:
-    """What build_trainees needs of monosem.loop.Run: TensorBoard writers (disabled here)."""
-    return SimpleNamespace(writer=lambda logdir, config_text=None: MetricsWriter(logdir, enabled=False))
-
-
 def sae_step(t: trainee.Trainee, x: torch.Tensor, step: int, cfg) -> None:
     """The trainer's step: forward + backward, then Adam + renormalisation."""
     trainee.forward_backward(t, x, step, cfg)
@@ -87,7 +80,7 @@ def exercise(cfg, accelerator) -> dict:
     ts, rank = cfg.train_sae, dist.rank()
     step = ts.resample_steps[0]
     torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank, as train() does
-    trainees = trainee.build_trainees(cfg, accelerator, None, quiet_run())
+    trainees = trainee.build_trainees(cfg, accelerator, None)
     for s in range(step):
         x = synthetic(0, rank, s, ts.batch_size, cfg.sae.d_in)          # [B, d_in]
         if s == 0:

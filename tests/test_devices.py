@@ -23,7 +23,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from monosem import trainee as tr
-from monosem.metrics import MetricsWriter
 from monosem.resample import Reservoir
 from monosem.train_sae import check_lm
 
@@ -145,10 +144,6 @@ def accelerator() -> SimpleNamespace:
                            clip_grad_norm_=torch.nn.utils.clip_grad_norm_)
 
 
-def run() -> SimpleNamespace:
-    return SimpleNamespace(writer=lambda logdir, config_text=None: MetricsWriter(logdir, enabled=False))
-
-
 @pytest.mark.parametrize("recipe,sparse", [("anthropic-2023", "off"), ("anthropic-2023", "on"),
                                            ("anthropic-2024-04", "auto"), ("topk", "on")])
 def test_training_path_stays_on_the_sae_device(cfg, recipe, sparse):
@@ -157,7 +152,7 @@ def test_training_path_stays_on_the_sae_device(cfg, recipe, sparse):
     reservoir = Reservoir(256, d_in=cfg.sae.d_in)
     reservoir.add(x_host)
     with audited() as audit:
-        trainees = tr.build_trainees(cfg, accelerator(), None, run())
+        trainees = tr.build_trainees(cfg, accelerator(), None)
         t = trainees[0]
         assert audit.where(t.sae.W_enc) == audit.where(t.last_fired) == "device"
         x = x_host.to(DEVICE)                                # buffer.next_batch(B, accelerator.device)
@@ -182,7 +177,7 @@ def test_the_audit_catches_a_host_batch_and_a_host_lm(cfg):
     cfg.sae.recipe, cfg.train_sae.sparse = "anthropic-2023", "auto"
     x_host = torch.randn(cfg.train_sae.batch_size, cfg.sae.d_in)
     with audited():
-        trainees = tr.build_trainees(cfg, accelerator(), None, run())
+        trainees = tr.build_trainees(cfg, accelerator(), None)
         with pytest.raises(RuntimeError, match="device mismatch"):
             tr.forward_backward(trainees[0], x_host, 0, cfg)
         lm_on_host = check_lm(cfg, torch.device("cpu"))

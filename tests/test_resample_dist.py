@@ -22,7 +22,6 @@ import torch
 from monosem import dist, resample, trainee, zero
 from monosem.configfile import load_config
 
-from resample_ranks import quiet_run  # tests/resample_ranks.py
 from monosem.sae import SAE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +85,7 @@ def reference(launched, tmp_path_factory):
 
     accelerator = dist.make_accelerator(cfg)
     assert accelerator.num_processes == 1 and not dist.is_distributed()
-    trainees = trainee.build_trainees(cfg, accelerator, None, quiet_run())
+    trainees = trainee.build_trainees(cfg, accelerator, None)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(resample, "choose_inputs", choose_spy)
         mp.setattr(dist, "gather_chosen", gather_spy)
