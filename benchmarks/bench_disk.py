@@ -33,13 +33,14 @@ from contextlib import closing
 from pathlib import Path
 from typing import Iterator
 
+import monosem  # noqa: F401  (before torch: it sets torch's allocator option, see monosem.host)
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_stream import make_run  # noqa: E402
 
-from monosem import dist, trainee  # noqa: E402
+from monosem import dist, host, trainee  # noqa: E402
 from monosem.config import Config  # noqa: E402
 from monosem.configfile import load_config  # noqa: E402
 from monosem.errors import MonosemError  # noqa: E402
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise MonosemError(f"--vectors {n_vectors} must be >= train_sae.batch_size {B}; --steps >= 1, "
                            f"--warmup >= 0, --shard-vectors and --shuffle-shards >= 1")
     torch.set_num_threads(os.cpu_count() or 1)  # one phase at a time: each gets every core
+    host.tune_allocator()  # as train() does: the disk-first step runs with the same allocator
     result = run(cfg, n_vectors, args.warmup, args.steps, args.shard_vectors, args.shuffle_shards,
                  args.tmp_dir)
     result |= {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "bf16": cfg.train_sae.bf16,

@@ -6,7 +6,8 @@ Planted sparsity: each feature's encoder bias is set so that a fraction L0/n_fea
 entries are active (Adam's lr is tiny, so it stays there). The dense step runs with `sparse=off` at the
 first planted density; the sparse one with `sparse=on`. GEMM ceiling = B / (5 x the time of one
 [B, d_in] x [d_in, n_features] GEMM) vectors/s: the dense step's 10·B·d_in·n_features FLOP at the
-measured GEMM rate, in the same dtype (bf16 GEMM: bf16 inputs).
+measured GEMM rate, in the same dtype (bf16 GEMM: bf16 inputs). The process tunes its allocator as the
+trainer does (monosem.host: huge pages, freed memory kept), for every path and the ceiling alike.
 
     python benchmarks/bench_step.py --out benchmarks/results/bench_step.json
     python benchmarks/bench_step.py --n-features 4096 --dtypes fp32 --steps 3 --sae runs/quickstart/sae
@@ -20,8 +21,10 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import monosem  # noqa: F401  (before torch: it sets torch's allocator option, see monosem.host)
 import torch
 
+from monosem import host
 from monosem.config import SAEConfig
 from monosem.files import write_json_atomic
 from monosem.sae import SAE
@@ -162,10 +165,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sae", default="", help="also time a trained SAE (checkpoint path for load_sae)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    kept = host.tune_allocator()  # as the trainer does: both paths reuse freed memory
     result = {"device": args.device, "batch_size": args.batch, "d_in": args.d_in,
               "threads": torch.get_num_threads(),
               "cpus": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "torch": torch.__version__, "steps": args.steps, "adam": args.adam, "l0_fractions": args.l0,
+              "torch": torch.__version__, "allocator": {"huge_pages": host.huge_pages_requested(),
+                                                         "freed_memory_kept": kept},
+              "steps": args.steps, "adam": args.adam, "l0_fractions": args.l0,
               "ceiling_definition": "B / (5 * t_gemm): 10*B*d_in*n_features FLOP at the GEMM rate of "
                                     "[B, d_in] x [d_in, n_features] in the step's dtype",
               "results": [bench_shape(args, m, dt) for m in args.n_features for dt in args.dtypes],

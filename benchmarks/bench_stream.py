@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import monosem  # noqa: F401  (before torch: it sets torch's allocator option, see monosem.host)
 import numpy as np
 import torch
 

@@ -23,12 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import monosem  # noqa: F401  (before torch: it sets torch's allocator option, see monosem.host)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_stream import make_run  # noqa: E402
 
-from monosem import dist, trainee  # noqa: E402
+from monosem import dist, host, trainee  # noqa: E402
 from monosem.buffer import ActivationBuffer  # noqa: E402
 from monosem.checkpoint import load_checkpoint  # noqa: E402
 from monosem.configfile import load_config  # noqa: E402
@@ -48,6 +49,7 @@ def batches_in_memory(cfg, n: int) -> list[torch.Tensor]:
 def step_only(cfg, xs: list[torch.Tensor], steps: int, ckpt=None) -> dict:
     """Vectors/s of the trainer's own step on batches in memory (2 warm-up steps), every core."""
     torch.set_num_threads(os.cpu_count() or 1)
+    host.tune_allocator()  # as train() does, for the step-only runs before it
     accelerator = dist.make_accelerator(cfg)
     torch.manual_seed(cfg.run.seed)
     t = trainee.build_trainees(cfg, accelerator, ckpt)[0]

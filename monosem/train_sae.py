@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from monosem import dist
+from monosem import dist, host
 from monosem.buffer import ActivationBuffer
 from monosem.config import Config
 from monosem.errors import MonosemError
@@ -51,6 +51,7 @@ def train(cfg: Config, resume: bool = False,
         dist.warn_emulated_bf16(accelerator.device, "train_sae.bf16")
     if not torch.cuda.is_available():  # every core to the step; the producer runs niced in its gaps
         torch.set_num_threads(cfg.train_sae.threads or max(1, (os.cpu_count() or 1) // dist.local_world_size()))
+        host.tune_allocator()  # the step's large tensors are reused, not faulted in again every step
     with dist.guard(accelerator):  # a failing rank stops every rank within seconds
         lm = check_lm(cfg, accelerator.device)
         expect = {"lm_identity": (cfg_lm_identity(cfg), "the LM")}

@@ -53,7 +53,8 @@ def test_sweep_metrics_and_checkpoints(root):
         assert scalars["features/resampled"][0][0] == 10
         hist = read_histograms(tb)["features/log10_density"]
         assert sum(hist[-1][1]["bucket"]) == 256
-        assert "features/density_png" in read_images(tb)
+        # the picture at each evaluation (every 10 steps) and the last step, not at every log step
+        assert [step for step, *_ in read_images(tb)["features/density_png"]] == [10, 20]
         meta = json.loads((latest_checkpoint(cfg.sae_dir) / name / "cfg.json").read_text())
         assert meta["l1_coeff"] in (1e-3, 3e-3) and meta["d_in"] == 64 and meta["lm_identity"]
         assert meta["loss_convention"]
