@@ -7,5 +7,10 @@ import os as _os
 
 __version__ = "0.1.0"
 
-# Read by torch at its first allocation, so before anything imports torch (see monosem.host)
+# Huge pages for torch's large CPU tensors (read at torch's first allocation, so before anything imports
+# torch) and, with them, freed memory kept in the process: see monosem.host
 _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from monosem import host as _host  # noqa: E402
+
+if _host.huge_pages_requested():
+    _host.tune_allocator()

@@ -8,12 +8,16 @@ benchmarks that costs ~0.7 ms per MB: ~100 ms per step for the [4096, 16384] pre
 for each 32 MB decoder-sized tensor. Two settings remove it:
   THP_MEM_ALLOC_ENABLE=1  torch puts allocations of 2 MB or more in transparent huge pages (512x fewer
                           faults); read once, at torch's first allocation, so `monosem/__init__.py` sets
-                          it (unless the environment already does) before anything imports torch.
+                          it (unless the environment says otherwise) before anything imports torch.
   mallopt                 M_MMAP_MAX 0 (every allocation from the heap) and M_TRIM_THRESHOLD 2 GiB (freed
                           memory stays with the process): a tensor freed this step is reused next step.
 It takes both: with mallopt alone torch's blocks still come back faulted (measured: 8,192 faults per
 32 MB block); with huge pages alone each block is still zeroed again (~500 faults); together, none.
-The process then keeps its peak memory until it exits, as a caching allocator does.
+Huge pages without it cost more than they save: each fresh block then waits for the kernel to compact
+memory into 2 MB pages (the LM's 400 MB logits every step). So `monosem/__init__.py` applies both to every
+process that imports monosem (trainers, producers, tests); THP_MEM_ALLOC_ENABLE=0 in the environment
+turns both off (the SAE trainer still keeps freed memory). The process keeps its peak memory until it
+exits, as a caching allocator does.
 
     from monosem import host
     host.tune_allocator()          # True when applied (glibc); elsewhere a no-op that returns False
