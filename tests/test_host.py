@@ -9,8 +9,6 @@ import sys
 
 import pytest
 
-from monosem import host
-
 CYCLE = """
 import resource, sys
 import monosem, torch
@@ -42,7 +40,7 @@ def test_freed_memory_is_reused_without_page_faults():
     assert faults < 16, faults                 # none (or a few): the freed block is reused as it is
 
 
-def test_huge_pages_are_requested_before_torch_allocates():
+def test_huge_pages_are_on_unless_the_environment_says_otherwise():
     code = "import monosem, os; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
