@@ -59,15 +59,23 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from monosem import dist
 from monosem.config import Config, ConfigError
 from monosem.configfile import validate
 from monosem.errors import MonosemError
 from monosem.pool import Pool, shuffle_stats
 from monosem.producer import LMSource, ProducerJob, Source, run_producer
-from monosem.segment import (BUSY_S, HEADER, SLOTS, VECTORS, WAIT_S, WRITE_S, End, Failed, Full, Lend,
-                             SharedPool, Staging, Stop, check_room, segment_bytes)
+from monosem.segment import (BUSY_S, HEADER, SLOTS, TRAINER_WAITING, VECTORS, WAIT_S, WAIT_THREAD_CONTEXTS,
+                             WRITE_S, End, Failed, Full, Lend, SharedPool, Staging, Stop, check_room,
+                             segment_bytes)
 
 STATE_FORMAT = "monosem-buffer/2"
+
+
+def wait_threads(setting: int) -> int:
+    """The producer's torch threads while its trainer waits for a slot: `setting`, or 0 = this rank's
+    share of the cores (the trainer's own thread count), which sit idle while it waits."""
+    return setting or max(1, (os.cpu_count() or 1) // dist.local_world_size())
 
 
 def _shutdown(proc, shared: SharedPool, full_r: Connection, free_w: Connection, timeout_s: float) -> None:
@@ -121,9 +129,11 @@ class ActivationBuffer:
             self.pool.restore(len(saved[0]))
         self.full_r, full_w = ctx.Pipe(duplex=False)  # producer -> consumer: Full, End, Failed
         free_r, self.free_w = ctx.Pipe(duplex=False)  # consumer -> producer: Lend, Stop
+        on_gpu = torch.cuda.is_available()
         job = ProducerJob(source, self.shared.name, self.spec, self.rank, os.getpid(), self.stream_state,
                           self.S // (b.tokens_per_context or self.ctx_len), b.producer_threads, self.poll_s,
-                          0 if torch.cuda.is_available() else b.producer_nice)
+                          0 if on_gpu else b.producer_nice,
+                          b.producer_threads if on_gpu else wait_threads(b.producer_wait_threads))
         self.proc = ctx.Process(target=run_producer, name=f"monosem-producer-{self.rank}", daemon=False,
                                 args=(job, full_w, free_r))
         # runs on close(), on garbage collection and at interpreter exit
@@ -177,7 +187,12 @@ class ActivationBuffer:
     def _take_slot(self) -> None:
         """Add the next announced slot's rows to the pool (blocks while none is announced)."""
         t0 = time.perf_counter()
-        msg = self._recv()
+        self.shared.header[TRAINER_WAITING] = 1  # the producer takes producer_wait_threads meanwhile
+        try:
+            msg = self._recv()
+        finally:
+            if self.shared.header is not None:  # (closed if the producer died)
+                self.shared.header[TRAINER_WAITING] = 0
         self.consumer_wait_s += time.perf_counter() - t0
         if isinstance(msg, Failed):
             self._raise_dead(msg)
@@ -259,7 +274,7 @@ class ActivationBuffer:
         out = {"fill": self.pool.n / self.pool_size,
                "ring_fill": max(0.0, h[SLOTS] - self.session_slots) / self.n_slots,
                "producer_wait_s": h[WAIT_S], "producer_busy_s": h[BUSY_S],
-               "producer_write_s": h[WRITE_S],
+               "producer_write_s": h[WRITE_S], "producer_wait_thread_contexts": h[WAIT_THREAD_CONTEXTS],
                "consumer_wait_s": self.consumer_wait_s, "vectors_produced": h[VECTORS],
                "vectors_delivered": float(delivered), "vectors_moved": float(self.pool.moved),
                "vectors_per_s": delivered / elapsed if elapsed > 0 else 0.0}

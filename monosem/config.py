@@ -127,8 +127,9 @@ class TrainLMConfig:
 
 @dataclass
 class BufferConfig:
-    producer_batch: int = 16
-    """Contexts per LM forward pass in the producer."""
+    producer_batch: int = 8
+    """Contexts per LM forward pass in the producer. Small keeps the producer quick to take the cores
+    when its trainer starts waiting (its thread count changes between passes only)."""
     tokens_per_context: int = 0
     """Keep this many random positions per context (the paper: 250; 0 = all)."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -144,7 +145,10 @@ class BufferConfig:
     pool_size: int = 65536
     """Vectors in the consumer's shuffle pool; batches are drawn without replacement from it."""
     producer_threads: int = 1
-    """torch threads in the producer process."""
+    """torch threads in the producer process while its trainer steps."""
+    producer_wait_threads: int = 0
+    """torch threads in the producer while its trainer waits for a slot (on a CPU-only machine): 0 = the
+    trainer's cores, idle meanwhile (monosem/producer.py says why)."""
     producer_nice: int = 19
     """Niceness added to the producer on a CPU-only machine (0-19): the SAE step takes every core and the
     producer runs in its gaps (monosem/producer.py says why). 0 = equal priority."""

@@ -11,13 +11,19 @@ into the block of pool rows the consumer lent as a ring slot (SharedPool: the se
         break
 
 Sharing the cores on a CPU-only machine (the rule the trainer and the buffer follow): the SAE step takes
-every core (torch threads = cores / local processes) and the producer runs `buffer.producer_threads`
-threads at the lowest priority (`buffer.producer_nice`, default 19). The producer's work is a few percent
-of the step's, so it fits in the gaps of the step (Python, small ops, waits); when the pool runs low the
-trainer blocks on the pipe and the producer gets the cores it leaves. Giving the producer a core of its
-own halves the step on 2 cores; an equal-priority producer on top of a trainer on every core steals
-time slices in the middle of the step's GEMMs (every OpenMP thread then waits for the slowest).
-Measured with benchmarks/bench_train.py (README, Benchmarks). On a GPU the producer keeps priority 0.
+every core (torch threads = cores / local processes); the producer runs `buffer.producer_threads` threads
+at the lowest priority (`buffer.producer_nice`, default 19) while the trainer steps, and
+`buffer.producer_wait_threads` (default: the trainer's cores) while the trainer waits for a slot: the
+buffer raises TRAINER_WAITING in the segment header and the producer reads it before each forward pass
+(so `buffer.producer_batch` is small, 8 contexts). The trainer's OpenMP threads spin only ~0.3 ms after a
+parallel region (GOMP_SPINCOUNT=10000, set by `import monosem`; libgomp's default spins ~8 ms), so the
+step's gaps reach the producer instead of a spinning thread. Measured at the quickstart's shapes (SAE
+2048 features, batch 2048; 2 cores; README, "How the producer shares the cores"): one niced producer
+thread alone gets almost nothing during the step, and the trainer waited ~15 ms per 90 ms step for it;
+with this rule it waits < 1 ms and the step slows by less than that wait: ~10% more vectors/s end to
+end. Giving the producer a core of its own halves the step on 2 cores; an equal-priority producer on
+top of a trainer on every core steals time slices in the middle of the step's GEMMs (every OpenMP thread
+then waits for the slowest). On a GPU the producer keeps priority 0 and buffer.producer_threads.
 """
 from __future__ import annotations
 
@@ -41,8 +47,8 @@ import torch
 from monosem import dist
 from monosem.config import Config
 from monosem.errors import MonosemError
-from monosem.segment import (BUSY_S, DTYPES, SLOTS, VECTORS, WAIT_S, WAITING, WRITE_S, End, Failed, Full,
-                             Lend, SharedPool, Spec, Stop)
+from monosem.segment import (BUSY_S, DTYPES, SLOTS, TRAINER_WAITING, VECTORS, WAIT_S, WAIT_THREAD_CONTEXTS, WAITING,
+                             WRITE_S, End, Failed, Full, Lend, SharedPool, Spec, Stop)
 
 Context = tuple[torch.Tensor, torch.Tensor, dict]  # acts [k, d_in], provenance ids [k], state after it
 TABLE_ROWS = 4093  # prime: a synthetic vector is row (id mod TABLE_ROWS) of a fixed random table
@@ -181,6 +187,7 @@ class ProducerJob:
     threads: int               # torch threads
     poll_s: float              # how often a waiting producer checks that the trainer lives
     nice: int = 0              # added to the process's niceness (on a CPU-only machine, see below)
+    wait_threads: int = 1      # torch threads while the trainer waits for a slot (TRAINER_WAITING)
 
 
 def name_process(rank: int) -> str:
@@ -219,7 +226,7 @@ def run_producer(job: ProducerJob, full_w: Connection, free_r: Connection) -> No
     shared, gone, failed = SharedPool(job.spec, name=job.segment), False, False
     try:
         produce(job.source.contexts(job.state), shared, full_w, free_r, job.parent_pid,
-                job.contexts_per_slot, job.poll_s)
+                job.contexts_per_slot, job.poll_s, (job.threads, job.wait_threads))
     except ConsumerGone:
         gone = True  # nobody else will unlink the segment
     except BaseException as e:  # noqa: BLE001 - every failure must reach the trainer
@@ -233,16 +240,16 @@ def run_producer(job: ProducerJob, full_w: Connection, free_r: Connection) -> No
 
 
 def produce(contexts: Iterator[Context], shared: SharedPool, full_w: Connection, free_r: Connection,
-            parent_pid: int, contexts_per_slot: int, poll_s: float) -> None:
+            parent_pid: int, contexts_per_slot: int, poll_s: float, threads: tuple[int, int] = (1, 1)) -> None:
     """Whole contexts into the block of each lent slot; a slot is announced with the source state
-    after its last context."""
+    after its last context. threads: torch threads (while the trainer steps, while it waits)."""
     h = shared.header
     while True:
         block = wait_free(free_r, h, parent_pid, poll_s)
         if block is None:  # stop
             return
         t0 = time.perf_counter()
-        count, state, ended, write_s = fill_slot(contexts, shared, block, contexts_per_slot)
+        count, state, ended, write_s = fill_slot(contexts, shared, block, contexts_per_slot, threads)
         h[BUSY_S] += time.perf_counter() - t0
         h[WRITE_S] += write_s
         if count:
@@ -254,13 +261,19 @@ def produce(contexts: Iterator[Context], shared: SharedPool, full_w: Connection,
             return
 
 
-def fill_slot(contexts: Iterator[Context], shared: SharedPool, block: int,
-              n_contexts: int) -> tuple[int, dict | None, bool, float]:
+def fill_slot(contexts: Iterator[Context], shared: SharedPool, block: int, n_contexts: int,
+              threads: tuple[int, int] = (1, 1)) -> tuple[int, dict | None, bool, float]:
     """Up to n_contexts whole contexts into the block's rows, one contiguous run -> (vectors written,
-    source state after the last one, stream ended, seconds spent writing)."""
+    source state after the last one, stream ended, seconds spent writing). Before each context (a
+    forward pass starts at the first of every producer_batch) the thread count follows the trainer:
+    threads[1] while it waits for a slot, threads[0] while it steps."""
     start = block * shared.S
     count, state, ended, write_s, ids = 0, None, False, 0.0, []
+    h = shared.header
     for _ in range(n_contexts):
+        waiting = bool(h[TRAINER_WAITING])
+        if threads[0] != threads[1] and torch.get_num_threads() != threads[waiting]:
+            torch.set_num_threads(threads[waiting])
         item = next(contexts, None)
         if item is None:
             ended = True
@@ -271,6 +284,7 @@ def fill_slot(contexts: Iterator[Context], shared: SharedPool, block: int,
         write_s += time.perf_counter() - t0
         ids.append(ctx_ids)
         count += len(ctx_ids)
+        h[WAIT_THREAD_CONTEXTS] += waiting and threads[1] != threads[0]
     if count:
         shared.ids[start:start + count].copy_(torch.cat(ids))
     return count, state, ended, write_s

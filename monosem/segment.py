@@ -34,9 +34,10 @@ from monosem.errors import MonosemError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHM_PREFIX = "monosem_"
-# producer-written float64 header: seconds waiting for a lent slot, vectors, slots, waiting flag,
-# seconds filling slots (source + writes), seconds writing vectors into the pool rows
-WAIT_S, VECTORS, SLOTS, WAITING, BUSY_S, WRITE_S = range(6)
+# float64 header, producer-written: seconds waiting for a lent slot, vectors, slots, waiting flag,
+# seconds filling slots (source + writes), seconds writing vectors into the pool rows, contexts produced
+# with buffer.producer_wait_threads; consumer-written: TRAINER_WAITING, 1 while the trainer blocks on a slot
+WAIT_S, VECTORS, SLOTS, WAITING, BUSY_S, WRITE_S, TRAINER_WAITING, WAIT_THREAD_CONTEXTS = range(8)
 HEADER = 8
 
 Spec = tuple[int, int, int, str]  # (S rows per block, R rows, d_in, dtype name)

@@ -220,3 +220,37 @@ def test_unexpected_producer_error_keeps_its_traceback():
     with pytest.raises(MonosemError, match=r"(?s)producer of rank 0 failed:\nTraceback.*KeyError: 'fp64'"):
         drain(buf, 40)
     assert not buf.proc.is_alive()
+
+
+class ThreadsSource:
+    """Every vector of a context holds the producer's torch thread count when the context was made;
+    20 ms per context, so a consumer that asks for a batch waits for it."""
+
+    def __init__(self, n_contexts: int):
+        self.n_contexts = n_contexts
+
+    def contexts(self, state: dict | None):
+        for i in range(state["next"] if state else 0, self.n_contexts):
+            time.sleep(0.02)
+            yield torch.full((T, D), float(torch.get_num_threads())), i * T + torch.arange(T), {"next": i + 1}
+
+
+@pytest.mark.parametrize("wait_threads", [2, 1])
+def test_producer_takes_wait_threads_while_the_trainer_waits(wait_threads):
+    """buffer.producer_wait_threads while the consumer blocks on a slot, producer_threads while it does
+    not (here: a pause in which the producer fills the slots lent to it)."""
+    n = 40
+    cfg = make_cfg(producer_threads=1, producer_wait_threads=wait_threads, slot_vectors=4 * T, n_slots=3,
+                   pool_size=16 * T)
+    with ActivationBuffer(cfg, rank=0, world_size=1, source=ThreadsSource(n), loop=False) as buf:
+        first = buf.next_batch(2 * T)[0]         # the pool fills while the consumer waits
+        time.sleep(0.6)                           # the producer fills its 3 lent slots meanwhile
+        rest = torch.cat([x for x, _ in buf.batches(2 * T)])
+        counted = buf.stats()["producer_wait_thread_contexts"]
+    threads = torch.cat([first, rest])[:, 0]
+    assert len(threads) == n * T
+    assert (threads == 1).any()                  # made while the consumer slept
+    if wait_threads == 2:
+        assert (threads == 2).any() and counted > 0
+    else:
+        assert (threads == 1).all() and counted == 0

@@ -3,6 +3,7 @@ without the kernel faulting its pages in again.
 
     pytest tests/test_host.py
 """
+import functools
 import os
 import subprocess
 import sys
@@ -49,3 +50,14 @@ def test_huge_pages_are_on_unless_the_environment_says_otherwise():
     env["THP_MEM_ALLOC_ENABLE"] = "0"  # the user's choice stands
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+def test_openmp_spin_is_short_unless_the_environment_says_otherwise():
+    """libgomp reads GOMP_SPINCOUNT when torch loads it: `import monosem` first sets it (the producer then
+    gets the step's gaps, see monosem/producer.py); a value from the environment stands."""
+    code = "import monosem, os; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    run = functools.partial(subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert run(env=env).stdout.strip() == "10000"
+    assert run(env=env | {"GOMP_SPINCOUNT": "300000"}).stdout.strip() == "300000"
