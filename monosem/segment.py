@@ -4,8 +4,9 @@ Layout of one segment (/dev/shm/monosem_<trainer pid>_<hex>), R rows in blocks o
 
     header float64 [HEADER] | ids int64 [R] | acts [R, d_in] in the storage dtype (buffer.dtype)
 
-The header is written by the producer only (wait/busy/write seconds, vectors, slots, waiting flag);
-the trainer reads it for its stats. A ring slot is one block of S rows that the trainer lends.
+The header is written by the producer (wait/busy/write seconds, vectors, slots, waiting flag), except
+TRAINER_WAITING, which the trainer raises while it blocks on a slot (the producer then takes more
+threads); the trainer reads the rest for its stats. A ring slot is one block of S rows that the trainer lends.
 
 Pipe protocol (typed messages, pickled by multiprocessing.Connection):
     trainer -> producer:  Lend(block) | Stop()
