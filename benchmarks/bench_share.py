@@ -3,6 +3,7 @@ timed per step (forward/backward, optimizer, next_batch and the wait on the prod
 sharing rule in its own process, the rules alternated round after round; medians per rule.
 
     python benchmarks/bench_share.py --run runs/quickstart --rounds 6
+    python benchmarks/bench_share.py            # random tokens and a random LM (a smoke test, not a figure)
     python benchmarks/bench_share.py --run runs/quickstart --set sae.n_features=4096 train_sae.batch_size=4096
 
 Rules: `default` (the code's defaults) and `before` (libgomp's own spin GOMP_SPINCOUNT=300000, one producer
@@ -78,7 +79,7 @@ def timed_resume(args, root: Path, extra: list[str]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="a run with data/ and lm/ (e.g. runs/quickstart)")
+    p.add_argument("--run", default="", help="a run with data/ and lm/ (e.g. runs/quickstart); none: random")
     p.add_argument("--config", default=str(REPO / "configs/quickstart.toml"))
     p.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. sae.n_features=4096")
     p.add_argument("--rounds", type=int, default=4)
@@ -92,13 +93,18 @@ def main() -> None:
         rule, root, out = args.child.split()
         Path(out).write_text(json.dumps(timed_resume(args, Path(root), RULES[rule][1])))
         return
-    tmp = Path(tempfile.mkdtemp(prefix="bench_share."))
+    tmp, run_name = Path(tempfile.mkdtemp(prefix="bench_share.")), args.run or "random tokens, random LM"
     try:
+        if not args.run:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from bench_stream import make_run
+            make_run(config(args, tmp, []), tmp / "random", n_shards=16, per_shard=256)
+            args.run = str(tmp / "random" / "bench")
         results = measure(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     from monosem.files import write_json_atomic
-    write_json_atomic(args.out, {"rules": results, "run": args.run, "set": args.set, "cpus": os.cpu_count(),
+    write_json_atomic(args.out, {"rules": results, "run": run_name, "set": args.set, "cpus": os.cpu_count(),
                                  "steps": args.steps, "rounds": args.rounds})
     report(results)
     print(f"written {args.out}")

@@ -31,7 +31,8 @@ POSITIVE = {"data.ctx_len", "data.contexts_per_shard", "data.shuffle_window", "d
             "analyze.interval_samples", "analyze.single_token_frac"}
 NON_NEGATIVE = {"data.max_tokens", "stream.num_workers", "lm.dropout",
                 "train_lm.warmup_steps", "train_lm.weight_decay", "train_lm.grad_clip",
-                "train_lm.min_lr", "buffer.tokens_per_context", "buffer.spare_fraction", "buffer.producer_wait_threads", "sae.l1_coeff", "sae.aux_k",
+                "train_lm.min_lr", "buffer.tokens_per_context", "buffer.spare_fraction",
+                "buffer.producer_wait_threads", "sae.l1_coeff", "sae.aux_k",
                 "sae.aux_coeff", "train_sae.warmup_steps", "train_sae.l1_warmup_steps",
                 "train_sae.grad_clip", "train_sae.eval_every", "train_sae.resample_power",
                 "analyze.tokens", "analyze.skip_positions", "analyze.window_before", "analyze.window_after", "analyze.ultralow_density"}

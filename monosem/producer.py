@@ -18,10 +18,10 @@ buffer raises TRAINER_WAITING in the segment header and the producer reads it be
 (so `buffer.producer_batch` is small, 8 contexts). The trainer's OpenMP threads spin only ~0.3 ms after a
 parallel region (GOMP_SPINCOUNT=10000, set by `import monosem`; libgomp's default spins ~8 ms), so the
 step's gaps reach the producer instead of a spinning thread. Measured at the quickstart's shapes (SAE
-2048 features, batch 2048; 2 cores; README, "How the producer shares the cores"): one niced producer
-thread alone gets almost nothing during the step, and the trainer waited ~15 ms per 90 ms step for it;
-with this rule it waits < 1 ms and the step slows by less than that wait: ~10% more vectors/s end to
-end. Giving the producer a core of its own halves the step on 2 cores; an equal-priority producer on
+2048 features, batch 2048; 2 cores; benchmarks/bench_share.py; README, "How the producer shares the
+cores"): before, one niced producer thread got almost nothing during the step and the trainer waited
+~15 ms per ~97 ms step for it; with this rule it waits < 1 ms, the step slows by ~7 ms, and end to end
+is ~4.5% faster (medians of 21 alternated runs each; not decisive against the VM's scatter). Giving the producer a core of its own halves the step on 2 cores; an equal-priority producer on
 top of a trainer on every core steals time slices in the middle of the step's GEMMs (every OpenMP thread
 then waits for the slowest). On a GPU the producer keeps priority 0 and buffer.producer_threads.
 """
@@ -47,8 +47,8 @@ import torch
 from monosem import dist
 from monosem.config import Config
 from monosem.errors import MonosemError
-from monosem.segment import (BUSY_S, DTYPES, SLOTS, TRAINER_WAITING, VECTORS, WAIT_S, WAIT_THREAD_CONTEXTS, WAITING,
-                             WRITE_S, End, Failed, Full, Lend, SharedPool, Spec, Stop)
+from monosem.segment import (BUSY_S, DTYPES, SLOTS, TRAINER_WAITING, VECTORS, WAIT_S, WAIT_THREAD_CONTEXTS,
+                             WAITING, WRITE_S, End, Failed, Full, Lend, SharedPool, Spec, Stop)
 
 Context = tuple[torch.Tensor, torch.Tensor, dict]  # acts [k, d_in], provenance ids [k], state after it
 TABLE_ROWS = 4093  # prime: a synthetic vector is row (id mod TABLE_ROWS) of a fixed random table
@@ -240,7 +240,8 @@ def run_producer(job: ProducerJob, full_w: Connection, free_r: Connection) -> No
 
 
 def produce(contexts: Iterator[Context], shared: SharedPool, full_w: Connection, free_r: Connection,
-            parent_pid: int, contexts_per_slot: int, poll_s: float, threads: tuple[int, int] = (1, 1)) -> None:
+            parent_pid: int, contexts_per_slot: int, poll_s: float,
+            threads: tuple[int, int] = (1, 1)) -> None:
     """Whole contexts into the block of each lent slot; a slot is announced with the source state
     after its last context. threads: torch threads (while the trainer steps, while it waits)."""
     h = shared.header

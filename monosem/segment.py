@@ -36,8 +36,9 @@ from monosem.errors import MonosemError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHM_PREFIX = "monosem_"
 # float64 header, producer-written: seconds waiting for a lent slot, vectors, slots, waiting flag,
-# seconds filling slots (source + writes), seconds writing vectors into the pool rows, contexts produced
-# with buffer.producer_wait_threads; consumer-written: TRAINER_WAITING, 1 while the trainer blocks on a slot
+# seconds filling slots (source + writes), seconds writing vectors into the pool rows, contexts taken
+# while the trainer waited (with buffer.producer_wait_threads); consumer-written: TRAINER_WAITING, 1 while
+# the trainer blocks on a slot
 WAIT_S, VECTORS, SLOTS, WAITING, BUSY_S, WRITE_S, TRAINER_WAITING, WAIT_THREAD_CONTEXTS = range(8)
 HEADER = 8
 

@@ -50,3 +50,19 @@ def test_bench_train_runs_at_tiny_shapes(tmp_path):
         assert s["vectors_per_s"] > 0 and s["path"] in ("sparse", "dense") and s["threads"] == os.cpu_count()
     assert r["end_to_end_over_step_only"] > 0 and r["shapes"]["n_features"] == 128
     assert "step only, trained SAE" in done.stdout
+
+
+def test_bench_share_runs_both_rules_at_tiny_shapes(tmp_path):
+    out = tmp_path / "bench_share.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_share.py"), "--out", str(out), "--rounds", "1",
+           "--train-steps", "4", "--warm", "1", "--steps", "2", "--set", *TINY, "sae.n_features=128",
+           "train_sae.batch_size=64"]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert set(r["rules"]) == {"default", "before"} and r["run"] == "random tokens, random LM"
+    for rule in r["rules"].values():
+        assert len(rule["runs"]) == 1 and rule["vectors_per_s"] > 0
+        assert rule["step_ms"] >= rule["fwd_bwd"] > 0 and rule["next_batch"] >= rule["wait"] >= 0
+    assert "default / before:" in done.stdout
