@@ -20,8 +20,8 @@ parallel region (GOMP_SPINCOUNT=10000, set by `import monosem`; libgomp's defaul
 step's gaps reach the producer instead of a spinning thread. Measured at the quickstart's shapes (SAE
 2048 features, batch 2048; 2 cores; benchmarks/bench_share.py; README, "How the producer shares the
 cores"): before, one niced producer thread got almost nothing during the step and the trainer waited
-~15 ms per ~97 ms step for it; with this rule it waits < 1 ms, the step slows by ~7 ms, and end to end
-is ~4.5% faster (medians of 21 alternated runs each; not decisive against the VM's scatter). Giving the producer a core of its own halves the step on 2 cores; an equal-priority producer on
+~15 ms per ~97 ms step for it; with this rule it waits < 1 ms but the step slows by nearly as much: end
+to end +2.6% (medians of 27 alternated runs each; within the VM's scatter). Giving the producer a core of its own halves the step on 2 cores; an equal-priority producer on
 top of a trainer on every core steals time slices in the middle of the step's GEMMs (every OpenMP thread
 then waits for the slowest). On a GPU the producer keeps priority 0 and buffer.producer_threads.
 """
