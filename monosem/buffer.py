@@ -72,12 +72,6 @@ from monosem.segment import (BUSY_S, HEADER, SLOTS, TRAINER_WAITING, VECTORS, WA
 STATE_FORMAT = "monosem-buffer/2"
 
 
-def wait_threads(setting: int) -> int:
-    """The producer's torch threads while its trainer waits for a slot: `setting`, or 0 = this rank's
-    share of the cores (the trainer's own thread count), which sit idle while it waits."""
-    return setting or max(1, (os.cpu_count() or 1) // dist.local_world_size())
-
-
 def _shutdown(proc, shared: SharedPool, full_r: Connection, free_w: Connection, timeout_s: float) -> None:
     """Stop the producer (stop message, pipes closed, then terminate/kill) and free the segment."""
     with suppress(Exception):
@@ -133,7 +127,9 @@ class ActivationBuffer:
         job = ProducerJob(source, self.shared.name, self.spec, self.rank, os.getpid(), self.stream_state,
                           self.S // (b.tokens_per_context or self.ctx_len), b.producer_threads, self.poll_s,
                           0 if on_gpu else b.producer_nice,
-                          b.producer_threads if on_gpu else wait_threads(b.producer_wait_threads))
+                          # while the trainer waits, its own cores sit idle: 0 = as many threads
+                          b.producer_threads if on_gpu else
+                          b.producer_wait_threads or dist.cpu_threads(self.cfg.train_sae.threads))
         self.proc = ctx.Process(target=run_producer, name=f"monosem-producer-{self.rank}", daemon=False,
                                 args=(job, full_w, free_r))
         # runs on close(), on garbage collection and at interpreter exit

@@ -117,6 +117,12 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
+def cpu_threads(setting: int) -> int:
+    """torch threads of a CPU-only trainer process: `setting` (train_sae.threads), or 0 = this node's
+    cores divided among its local processes."""
+    return setting or max(1, (os.cpu_count() or 1) // local_world_size())
+
+
 def is_main() -> bool:
     return rank() == 0
 

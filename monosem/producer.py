@@ -21,9 +21,9 @@ step's gaps reach the producer instead of a spinning thread. Measured at the qui
 2048 features, batch 2048; 2 cores; benchmarks/bench_share.py; README, "How the producer shares the
 cores"): before, one niced producer thread got almost nothing during the step and the trainer waited
 ~15 ms per ~97 ms step for it; with this rule it waits < 1 ms but the step slows by nearly as much: end
-to end +2.6% (medians of 27 alternated runs each; within the VM's scatter). Giving the producer a core of its own halves the step on 2 cores; an equal-priority producer on
-top of a trainer on every core steals time slices in the middle of the step's GEMMs (every OpenMP thread
-then waits for the slowest). On a GPU the producer keeps priority 0 and buffer.producer_threads.
+to end +2.6% (medians of 27 alternated runs each; within the VM's scatter). Giving the producer a core
+of its own halves the step on 2 cores; an equal-priority producer on top of a trainer on every core
+steals time slices in the middle of the step's GEMMs (every OpenMP thread then waits for the slowest). On a GPU the producer keeps priority 0 and buffer.producer_threads.
 """
 from __future__ import annotations
 
@@ -273,7 +273,7 @@ def fill_slot(contexts: Iterator[Context], shared: SharedPool, block: int, n_con
     h = shared.header
     for _ in range(n_contexts):
         waiting = bool(h[TRAINER_WAITING])
-        if threads[0] != threads[1] and torch.get_num_threads() != threads[waiting]:
+        if torch.get_num_threads() != threads[waiting]:
             torch.set_num_threads(threads[waiting])
         item = next(contexts, None)
         if item is None:

@@ -6,7 +6,8 @@ Layout of one segment (/dev/shm/monosem_<trainer pid>_<hex>), R rows in blocks o
 
 The header is written by the producer (wait/busy/write seconds, vectors, slots, waiting flag), except
 TRAINER_WAITING, which the trainer raises while it blocks on a slot (the producer then takes more
-threads); the trainer reads the rest for its stats. A ring slot is one block of S rows that the trainer lends.
+threads); the trainer reads the rest for its stats. A ring slot is one block of S rows that the trainer
+lends.
 
 Pipe protocol (typed messages, pickled by multiprocessing.Connection):
     trainer -> producer:  Lend(block) | Stop()

@@ -13,7 +13,6 @@ failure path come from monosem.loop; the per-SAE operations from monosem.trainee
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -50,7 +49,7 @@ def train(cfg: Config, resume: bool = False,
     if cfg.train_sae.bf16:
         dist.warn_emulated_bf16(accelerator.device, "train_sae.bf16")
     if not torch.cuda.is_available():  # every core to the step; the producer runs niced in its gaps
-        torch.set_num_threads(cfg.train_sae.threads or max(1, (os.cpu_count() or 1) // dist.local_world_size()))
+        torch.set_num_threads(dist.cpu_threads(cfg.train_sae.threads))
         host.tune_allocator()  # the step's large tensors are reused, not faulted in again every step
     with dist.guard(accelerator):  # a failing rank stops every rank within seconds
         lm = check_lm(cfg, accelerator.device)

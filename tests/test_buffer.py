@@ -235,13 +235,15 @@ class ThreadsSource:
             yield torch.full((T, D), float(torch.get_num_threads())), i * T + torch.arange(T), {"next": i + 1}
 
 
-@pytest.mark.parametrize("wait_threads", [2, 1])
-def test_producer_takes_wait_threads_while_the_trainer_waits(wait_threads):
-    """buffer.producer_wait_threads while the consumer blocks on a slot, producer_threads while it does
-    not (here: a pause in which the producer fills the slots lent to it)."""
+@pytest.mark.parametrize("wait_threads, trainer_threads, expected", [(2, 0, 2), (1, 0, 1), (0, 1, 1)])
+def test_producer_takes_wait_threads_while_the_trainer_waits(wait_threads, trainer_threads, expected):
+    """buffer.producer_wait_threads (0: the trainer's threads, train_sae.threads) while the consumer blocks
+    on a slot, producer_threads while it does not (here: a pause in which the producer fills the slots
+    lent to it)."""
     n = 40
     cfg = make_cfg(producer_threads=1, producer_wait_threads=wait_threads, slot_vectors=4 * T, n_slots=3,
                    pool_size=16 * T)
+    cfg.train_sae.threads = trainer_threads
     with ActivationBuffer(cfg, rank=0, world_size=1, source=ThreadsSource(n), loop=False) as buf:
         first = buf.next_batch(2 * T)[0]         # the pool fills while the consumer waits
         time.sleep(0.6)                           # the producer fills its 3 lent slots meanwhile
@@ -250,7 +252,7 @@ def test_producer_takes_wait_threads_while_the_trainer_waits(wait_threads):
     threads = torch.cat([first, rest])[:, 0]
     assert len(threads) == n * T
     assert (threads == 1).any()                  # made while the consumer slept
-    if wait_threads == 2:
+    if expected == 2:
         assert (threads == 2).any() and counted > 0
     else:
         assert (threads == 1).all() and counted == 0
