@@ -55,6 +55,16 @@ def fvu(x: Tensor, x_hat: Tensor) -> float:
     return (sse / sst).item() if sst > 0 else float("nan")
 
 
+def fvu_from_sse(sse: float, x: Tensor) -> float:
+    """fvu() when the squared error sum ‖x − x̂‖² is already known (the training step computes it): one cheap
+    float32 pass over x [..., d] for the variance, centred first so the sum loses no digits. NaN if x is
+    constant."""
+    xc = x.reshape(-1, x.shape[-1]).float()
+    xc = (xc - xc.mean(dim=0)).view(-1)                                 # [N * d], centred per dimension
+    sst = torch.dot(xc, xc).item()
+    return sse / sst if sst > 0 else float("nan")
+
+
 def _check_counts(fire_counts: Tensor, n_vectors: int) -> None:
     if fire_counts.dim() != 1:
         raise MonosemError(f"fire_counts must be 1-D [n_features], got shape {tuple(fire_counts.shape)}")

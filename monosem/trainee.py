@@ -135,10 +135,11 @@ def forward_backward(t: Trainee, x: torch.Tensor, step: int, cfg: Config) -> flo
         t.last_fired[counts > 0] = step + 1
         t.fire_counts += counts
         t.fire_vectors += x.shape[0]
-        t.last = {"loss": out.loss.item(), "mse": out.mse.item(), "l1": out.l1.item(),
+        mse = out.mse.item()  # in the SAE's scaled space; FVU wants ‖x − x̂‖² in input units
+        t.last = {"loss": out.loss.item(), "mse": mse, "l1": out.l1.item(),
                   "aux": float(out.aux), "l0": counts.sum().item() / x.shape[0],
                   "sparse_step": float(t.sae.last_path == "sparse"),  # which path ran (train_sae.sparse)
-                  "fvu": metrics.fvu(x.float(), out.x_hat.float())}
+                  "fvu": metrics.fvu_from_sse(mse * x.numel() / t.sae.input_scale_value() ** 2, x)}
     return t.last["loss"]
 
 

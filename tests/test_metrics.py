@@ -13,8 +13,8 @@ from torch import nn
 
 from monosem.errors import MonosemError
 from monosem.metrics import (DEAD_LOG10, FIG_DPI, FIG_SIZE, TAGS, MetricsWriter, dead_and_ultralow,
-                             feature_density, fvu, l0, loss_recovered, read_histograms, read_images,
-                             read_scalars, read_texts)
+                             feature_density, fvu, fvu_from_sse, l0, loss_recovered, read_histograms,
+                             read_images, read_scalars, read_texts)
 
 PNG_W, PNG_H = int(FIG_SIZE[0] * FIG_DPI), int(FIG_SIZE[1] * FIG_DPI)
 
@@ -140,6 +140,14 @@ def test_l0_fvu_density_vs_float64():
     assert fvu(x, x) == 0.0
     assert fvu(x, x.mean(0).expand_as(x)) == pytest.approx(1.0, rel=1e-9)
     assert math.isnan(fvu(torch.ones(5, 3), torch.zeros(5, 3)))
+    # the trainer's cheap form, from the error sum its step already has: a large common offset must not
+    # cost it digits (float32, centred before squaring)
+    for offset in (0.0, 1e3):
+        xo, xho = x + offset, x_hat + offset
+        sse = float(((x64 - xh64) ** 2).sum())
+        assert fvu_from_sse(sse, xo) == pytest.approx(ref, rel=1e-5)
+    assert fvu_from_sse(sse, x.reshape(10, 20, 16)) == pytest.approx(ref, rel=1e-5)
+    assert math.isnan(fvu_from_sse(1.0, torch.ones(5, 3)))
 
     counts = torch.tensor([0, 1, 2**25 + 1, 3 * 10**9], dtype=torch.int64)
     dens = feature_density(counts, 3 * 10**9)

@@ -187,3 +187,31 @@ def test_each_recipe_trains_through_the_trainer(root, recipe, extra):
     if recipe == "anthropic-2024-04":
         lrs = [v for _, v in scalars["train/lr"]]
         assert lrs[-1] < lrs[0], "the LR decays over the last 20%"
+
+
+@pytest.mark.parametrize("recipe", ["anthropic-2023", "anthropic-2024-04", "topk"])
+def test_the_step_logs_the_fvu_of_its_batch(tmp_path, recipe):
+    """train/fvu comes from the step's own squared error (trainee.forward_backward): it must equal the
+    float64 FVU of the batch and the SAE's reconstruction, in input units (2024-04 scales its inputs)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from monosem import trainee
+    from monosem.configfile import load_config
+
+    cfg = load_config(REPO / "configs/tiny.toml", [f"--run.root={tmp_path}", f"--sae.recipe={recipe}",
+                                                   "--sae.k=8"])
+    acc = SimpleNamespace(device=torch.device("cpu"), prepare=lambda *objs: objs,
+                          backward=lambda loss: loss.backward(), clip_grad_norm_=torch.nn.utils.clip_grad_norm_)
+    t = trainee.build_trainees(cfg, acc, None)[0]
+    gen = torch.Generator().manual_seed(3)
+    x = torch.relu(torch.randn(256, cfg.sae.d_in, generator=gen)) * 5 + 2  # [B, d_in], a large mean
+    trainee.init_from_batch([t], x)
+    assert recipe != "anthropic-2024-04" or abs(t.sae.input_scale_value() - 1) > 0.1
+    trainee.forward_backward(t, x, 0, cfg)
+    with torch.no_grad():
+        x_hat = t.sae.reconstruct(x).double().numpy()
+    x64 = x.double().numpy()
+    ref = ((x64 - x_hat) ** 2).sum() / ((x64 - x64.mean(axis=0)) ** 2).sum()
+    assert t.last["fvu"] == pytest.approx(ref, rel=1e-4)
