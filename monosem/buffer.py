@@ -79,11 +79,12 @@ def _shutdown(proc, shared: SharedPool, full_r: Connection, free_w: Connection, 
     for conn in (free_w, full_r):
         with suppress(Exception):
             conn.close()
-    proc.join(timeout_s)
-    for stop in (proc.terminate, proc.kill):
-        if proc.is_alive():
-            stop()
-            proc.join(timeout_s)
+    if proc.pid is not None:  # None: it never started (its job failed to pickle, say)
+        proc.join(timeout_s)
+        for stop in (proc.terminate, proc.kill):
+            if proc.is_alive():
+                stop()
+                proc.join(timeout_s)
     shared.close(unlink=True)
 
 
@@ -113,10 +114,22 @@ class ActivationBuffer:
 
     # ---- producer process and slots -----------------------------------------------------------
     def _start(self, source: Source, saved: tuple | None) -> None:
+        self.shared = SharedPool(self.spec)
+        # until the producer exists, closing frees the segment alone: an error below leaves no /dev/shm file
+        self._finalizer = weakref.finalize(self, self.shared.close, True)
+        try:
+            self._spawn(source, saved)
+        except BaseException:
+            self._finalizer()
+            raise
+        self._lend()
+
+    def _spawn(self, source: Source, saved: tuple | None) -> None:
+        """Restore the saved pool into the segment and start the producer (its finalizer replaces
+        _start's)."""
         import torch.multiprocessing as tmp
 
         b, ctx = self.cfg.buffer, tmp.get_context("spawn")
-        self.shared = SharedPool(self.spec)
         if saved is not None:  # the saved pool goes to rows 0..n-1, in pool order
             self.shared.acts[:len(saved[0])].copy_(saved[0])
             self.shared.ids[:len(saved[0])].copy_(saved[1])
@@ -133,12 +146,12 @@ class ActivationBuffer:
         self.proc = ctx.Process(target=run_producer, name=f"monosem-producer-{self.rank}", daemon=False,
                                 args=(job, full_w, free_r))
         # runs on close(), on garbage collection and at interpreter exit
+        self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _shutdown, self.proc, self.shared, self.full_r,
                                            self.free_w, b.timeout_s)
         self.proc.start()
         full_w.close()  # only the producer holds these ends now: its death is an EOF here
         free_r.close()
-        self._lend()
 
     def _lend(self) -> None:
         """Lend blocks to the producer until n_slots are lent (there is always one: see Pool)."""

@@ -222,6 +222,30 @@ def test_unexpected_producer_error_keeps_its_traceback():
     assert not buf.proc.is_alive()
 
 
+class UnpicklableSource(SyntheticSource):
+    def __reduce__(self):
+        raise TypeError("this source cannot travel to a spawned process")
+
+
+def failing_cpu_threads(setting: int) -> int:
+    raise RuntimeError("failed while preparing the producer")
+
+
+@pytest.mark.parametrize("where", ["before the producer exists", "starting it"])
+def test_a_buffer_that_fails_to_start_leaves_no_segment(monkeypatch, where):
+    """The segment exists from the start of _start: an error before the producer runs must unlink it
+    (the autouse fixture checks /dev/shm and child processes)."""
+    cfg = make_cfg()
+    if where == "starting it":
+        src, err = UnpicklableSource(D, T, n_contexts=5), "cannot travel"
+    else:
+        monkeypatch.setattr(monosem.buffer.dist, "cpu_threads", failing_cpu_threads)
+        src, err = source(cfg, 5), "preparing the producer"
+    with pytest.raises((TypeError, RuntimeError), match=err):
+        ActivationBuffer(cfg, rank=0, world_size=1, source=src, loop=False)
+    gc.collect()
+
+
 class ThreadsSource:
     """Every vector of a context holds the producer's torch thread count when the context was made;
     20 ms per context, so a consumer that asks for a batch waits for it."""
