@@ -1,6 +1,9 @@
 """How the producer and the SAE step share the cores: train() resumed from a trained SAE, its sections
 timed per step (forward/backward, optimizer, next_batch and the wait on the producer inside it), each
-sharing rule in its own process, the rules alternated round after round; medians per rule.
+sharing rule in its own process, the rules alternated round after round; medians per rule. Each round
+also times the step alone (`alone`: bench_train's step-only measurement, the same trained SAE, real
+activation batches in memory, every core), so end to end / step alone is a ratio of medians taken
+side by side, not of two single runs minutes apart (single runs scatter by 10-30% on a shared VM).
 
     python benchmarks/bench_share.py --run runs/quickstart --rounds 6
     python benchmarks/bench_share.py            # random tokens and a random LM (a smoke test, not a figure)
@@ -33,6 +36,7 @@ RULES = {"default": ({}, []),
          "before": ({"GOMP_SPINCOUNT": "300000"},
                     ["buffer.producer_batch=32", "buffer.producer_wait_threads=1"])}
 SECTIONS = ("fwd_bwd", "opt", "next_batch", "wait")
+ALONE = "alone"  # not a sharing rule: the step alone, no producer (the ratio's denominator)
 
 
 def config(args, root: Path, extra: list[str]):
@@ -91,7 +95,9 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         rule, root, out = args.child.split()
-        Path(out).write_text(json.dumps(timed_resume(args, Path(root), RULES[rule][1])))
+        result = (step_alone(args, Path(root)) if rule == ALONE
+                  else timed_resume(args, Path(root), RULES[rule][1]))
+        Path(out).write_text(json.dumps(result))
         return
     tmp, run_name = Path(tempfile.mkdtemp(prefix="bench_share.")), args.run or "random tokens, random LM"
     try:
@@ -120,7 +126,7 @@ def measure(args, tmp: Path) -> dict:
     train(cfg)
     runs = collections.defaultdict(list)
     for r in range(args.rounds):
-        for rule, (env, _) in RULES.items():
+        for rule, (env, _) in [*RULES.items(), (ALONE, ({}, []))]:
             root = tmp / f"{rule}{r}"
             shutil.copytree(base, root, symlinks=True)
             out = tmp / f"{rule}{r}.json"
@@ -131,8 +137,22 @@ def measure(args, tmp: Path) -> dict:
             runs[rule].append(json.loads(out.read_text()))
             shutil.rmtree(root)
     return {rule: {"runs": rs, **{k: statistics.median(x[k] for x in rs)
-                                  for k in (*SECTIONS, "step_ms", "vectors_per_s")}}
+                                  for k in (*SECTIONS, "step_ms", "vectors_per_s") if k in rs[0]}}
             for rule, rs in runs.items()}
+
+
+def step_alone(args, root: Path) -> dict:
+    """In this process: the trained SAE's step alone (bench_train.step_only: forward_backward +
+    optimizer_step on real activation batches in memory, every core), --steps steps timed."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_train import batches_in_memory, step_only
+
+    from monosem.checkpoint import load_checkpoint
+    cfg = config(args, root, [])
+    xs = batches_in_memory(cfg, 4)
+    r = step_only(cfg, xs, args.steps, ckpt=load_checkpoint(cfg.sae_dir))  # after 2 warm-up steps
+    ms = cfg.train_sae.batch_size / r["vectors_per_s"] * 1e3
+    return {"vectors_per_s": r["vectors_per_s"], "step_ms": ms, "l0": r["l0"], "path": r["path"]}
 
 
 def report(results: dict) -> None:
@@ -140,9 +160,12 @@ def report(results: dict) -> None:
           + "   (medians; ms per step)")
     for rule, r in results.items():
         print(f"{rule:10s} {r['vectors_per_s']:10,.0f} {r['step_ms']:8.1f} "
-              + " ".join(f"{r[k]:10.1f}" for k in SECTIONS))
-    if {"default", "before"} <= results.keys():
-        print(f"default / before: {results['default']['vectors_per_s'] / results['before']['vectors_per_s']:.3f}")
+              + " ".join(f"{r[k]:10.1f}" if k in r else f"{'-':>10s}" for k in SECTIONS))
+    rate = {rule: r["vectors_per_s"] for rule, r in results.items()}
+    if {"default", "before"} <= rate.keys():
+        print(f"default / before: {rate['default'] / rate['before']:.3f}")
+    if {"default", ALONE} <= rate.keys():
+        print(f"end to end (default) / step alone: {rate['default'] / rate[ALONE]:.3f}")
 
 
 if __name__ == "__main__":

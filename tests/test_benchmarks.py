@@ -52,7 +52,7 @@ def test_bench_train_runs_at_tiny_shapes(tmp_path):
     assert "step only, trained SAE" in done.stdout
 
 
-def test_bench_share_runs_both_rules_at_tiny_shapes(tmp_path):
+def test_bench_share_runs_both_rules_and_the_step_alone_at_tiny_shapes(tmp_path):
     out = tmp_path / "bench_share.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_share.py"), "--out", str(out), "--rounds", "1",
            "--train-steps", "4", "--warm", "1", "--steps", "2", "--set", *TINY, "sae.n_features=128",
@@ -61,8 +61,12 @@ def test_bench_share_runs_both_rules_at_tiny_shapes(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert set(r["rules"]) == {"default", "before"} and r["run"] == "random tokens, random LM"
-    for rule in r["rules"].values():
+    assert set(r["rules"]) == {"default", "before", "alone"} and r["run"] == "random tokens, random LM"
+    for name, rule in r["rules"].items():
         assert len(rule["runs"]) == 1 and rule["vectors_per_s"] > 0
-        assert rule["step_ms"] >= rule["fwd_bwd"] > 0 and rule["next_batch"] >= rule["wait"] >= 0
-    assert "default / before:" in done.stdout
+        if name == "alone":  # the step without the producer: no pipeline sections
+            assert rule["step_ms"] > 0 and "wait" not in rule
+            assert rule["runs"][0]["path"] in ("dense", "sparse")
+        else:
+            assert rule["step_ms"] >= rule["fwd_bwd"] > 0 and rule["next_batch"] >= rule["wait"] >= 0
+    assert "default / before:" in done.stdout and "end to end (default) / step alone:" in done.stdout
