@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -235,10 +236,16 @@ def resample_dead(t: Trainee, reservoir: resample.Reservoir, step: int, cfg: Con
     return len(dead_idx)
 
 
+# the frozen LM's clean and zero-ablated CE on the eval contexts, per LM (gone with it) and token set
+_BASELINES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 @torch.no_grad()
 def eval_loss_recovered(trainees: list[Trainee], lm, cfg: Config, step: int,
                         _cache: dict = {}) -> dict:  # noqa: B006 - val tokens cached per process
-    """Loss recovered on held-out contexts, on rank 0 (the others carry on)."""
+    """Loss recovered on held-out contexts, on rank 0 (the others carry on). The LM is frozen, so its
+    clean and zero-ablated CE are computed once per process and LM: later evaluations run the spliced
+    pass only."""
     if not dist.is_main():
         for t in trainees:  # ZeRO-3 gathers the SAE's weights collectively: take part, carry on
             with zero.gathered_params(t.model):
@@ -255,8 +262,11 @@ def eval_loss_recovered(trainees: list[Trainee], lm, cfg: Config, step: int,
         sae = t.sae
         # [b*t, d_mlp] -> same; in the SAE's own dtype (DeepSpeed bf16 keeps bf16 weights in the module)
         reconstruct = lambda h: sae.reconstruct(h.to(sae.W_dec.dtype)).to(h.dtype)  # noqa: E731
+        baselines = _BASELINES.setdefault(lm, {})
         with zero.gathered_params(t.model):
-            r = metrics.loss_recovered(lm, tokens.to(sae.W_dec.device), reconstruct)
+            r = metrics.loss_recovered(lm, tokens.to(sae.W_dec.device), reconstruct,
+                                       baseline=baselines.get(key))
+        baselines[key] = {k: r[k] for k in ("ce_clean", "ce_zero")}
         values = {f"eval/{k}": float(v) for k, v in r.items()}
         t.writer.scalars(step, values)
         out |= {f"{t.name}/{k}": v for k, v in values.items()}

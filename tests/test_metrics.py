@@ -225,6 +225,21 @@ def test_loss_recovered_identity_zero_and_half():
         assert half[key] == pytest.approx(want, rel=1e-5), key
 
 
+def test_loss_recovered_with_a_baseline_runs_the_spliced_pass_only():
+    """ce_clean and ce_zero do not depend on the SAE: given them, one LM pass per chunk, same figures."""
+    lm, calls = TinyLM(), []
+    forward = lm.forward
+    lm.forward = lambda *a, **k: calls.append(k.get("mlp_fn")) or forward(*a, **k)
+    tokens = torch.randint(0, 11, (5, 9), generator=torch.Generator().manual_seed(3))
+    full = loss_recovered(lm, tokens, lambda h: 0.5 * h, batch_size=2)
+    assert len(calls) == 9                                             # 3 chunks x clean, zero, spliced
+    calls.clear()
+    base = {"ce_clean": full["ce_clean"], "ce_zero": full["ce_zero"]}
+    again = loss_recovered(lm, tokens, lambda h: 0.5 * h, batch_size=2, baseline=base)
+    assert len(calls) == 3 and None not in calls and torch.zeros_like not in calls
+    assert again == full
+
+
 def test_loss_recovered_rejects_bad_shapes():
     lm = TinyLM()
     with pytest.raises(MonosemError, match="tokens"):

@@ -215,3 +215,35 @@ def test_the_step_logs_the_fvu_of_its_batch(tmp_path, recipe):
     x64 = x.double().numpy()
     ref = ((x64 - x_hat) ** 2).sum() / ((x64 - x64.mean(axis=0)) ** 2).sum()
     assert t.last["fvu"] == pytest.approx(ref, rel=1e-4)
+
+
+def test_evaluations_after_the_first_run_the_spliced_pass_only(root):
+    """The frozen LM's clean and zero-ablated CE are computed once per process: a later evaluation runs
+    one LM pass per chunk and reports the same figures a full evaluation gives."""
+    import inspect
+    from types import SimpleNamespace
+
+    from monosem import metrics, trainee
+    from monosem.train_sae import check_lm
+
+    cfg = sae_cfg(root, "evals", "--train_sae.eval_contexts=8")
+    acc = SimpleNamespace(device=torch.device("cpu"), prepare=lambda *objs: objs,
+                          backward=lambda loss: loss.backward(), clip_grad_norm_=torch.nn.utils.clip_grad_norm_)
+    trainees = trainee.build_trainees(cfg, acc, None)
+    lm, passes = check_lm(cfg, torch.device("cpu")), []
+    forward = lm.forward
+    lm.forward = lambda *a, **k: passes.append(k.get("mlp_fn")) or forward(*a, **k)
+    first = trainee.eval_loss_recovered(trainees, lm, cfg, 1)
+    n_first, passes[:] = len(passes), []
+    with torch.no_grad():
+        trainees[0].sae.W_dec.mul_(0.5)                                  # a different reconstruction
+    second = trainee.eval_loss_recovered(trainees, lm, cfg, 2)
+    assert n_first == 3 * len(passes) > 0 and None not in passes
+    assert second["sae/eval/ce_clean"] == first["sae/eval/ce_clean"]
+    assert second["sae/eval/ce_spliced"] != first["sae/eval/ce_spliced"]
+    tokens = inspect.unwrap(trainee.eval_loss_recovered).__defaults__[0][(str(cfg.data_dir), 8)]  # its val set
+    sae = trainees[0].sae
+    with torch.no_grad():
+        full = metrics.loss_recovered(lm, tokens, sae.reconstruct)           # every pass, from scratch
+    for k, v in full.items():
+        assert second[f"sae/eval/{k}"] == pytest.approx(v, rel=1e-6), k
