@@ -88,13 +88,16 @@ def _loop(cfg: Config, run: Run, trainees: list[Trainee], reservoir: Reservoir, 
     ts, world, device = cfg.train_sae, dist.world_size(), trainees[0].accelerator.device
     step, metrics, bar = run.step, {}, run.progress()
     window_start, window_steps = time.perf_counter(), 0
+    resampled = any(t.cfg.recipe == "anthropic-2023" for t in trainees)  # the others never resample
+    last_resample = max(ts.resample_steps, default=0) if resampled else 0
     while step < ts.steps:
         x, ids = buffer.next_batch(ts.batch_size, device)         # [B, d_in] fp32 on device, [B] int64
         if on_batch is not None:
             on_batch(step, x, ids)
         if step == 0:
             init_from_batch(trainees, x)
-        reservoir.add(x.cpu())                                    # the reservoir lives on the host
+        if step < last_resample:  # the reservoir (on the host) only feeds resampling still to come
+            reservoir.add(x.cpu())
         losses = {t.name: forward_backward(t, x, step, cfg) for t in trainees}
         stop = run.check(step + 1, losses, f"train_sae.lr = {ts.lr:g}")  # before any optimizer step
         for t in trainees:

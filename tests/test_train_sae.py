@@ -173,10 +173,16 @@ def test_nan_is_an_error_and_last_checkpoint_survives(root):
     ("anthropic-2024-04", ["--train_sae.l1_warmup_steps=5", "--train_sae.decay_start=0.8"]),
     ("topk", ["--sae.k=8"]),
 ])
-def test_each_recipe_trains_through_the_trainer(root, recipe, extra):
+def test_each_recipe_trains_through_the_trainer(root, recipe, extra, monkeypatch):
+    from monosem.resample import Reservoir
+
     cfg = run_cfg(root, f"recipe-{recipe}", f"--sae.recipe={recipe}", "--train_sae.eval_every=0",
                   "--train_sae.steps=30", *extra)
+    added, add = [], Reservoir.add
+    monkeypatch.setattr(Reservoir, "add", lambda self, x: added.append(len(x)) or add(self, x))
     train(cfg)
+    # the reservoir is fed only while a resampling is still to come (resample_steps [10]; 2023 only)
+    assert added == ([cfg.train_sae.batch_size] * 10 if recipe == "anthropic-2023" else [])
     scalars = read_scalars(cfg.sae_dir / "tb" / "sae")
     mse = [v for _, v in scalars["train/mse"]]
     assert mse[-1] < 0.85 * mse[0], f"{recipe}: reconstruction did not improve: {mse}"
