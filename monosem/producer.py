@@ -22,8 +22,9 @@ step's gaps reach the producer instead of a spinning thread. Measured at the qui
 cores"): before, one niced producer thread got almost nothing during the step and the trainer waited
 ~15 ms per ~97 ms step for it; with this rule it waits < 1 ms but the step slows by nearly as much: end
 to end +2.6% (medians of 27 alternated runs each; within the VM's scatter); with the step ~15% faster
-since, +4% there and +8% at n_features 4096 / batch 4096, end to end / step alone 0.89 and 1.00
-(medians of 5 and 4 alternated rounds). Giving the producer a core of its own halves the step on 2
+since, +3-4% there and +8% at n_features 4096 / batch 4096; end to end / step alone 0.98 and 1.00
+(medians of 5 and 4 alternated rounds; 0.89 at the quickstart shapes while the loop still fed the
+resampling reservoir with no resampling ahead). Giving the producer a core of its own halves the step on 2
 cores; an equal-priority producer on top of a trainer on every core steals time slices in the middle of
 the step's GEMMs (every OpenMP thread then waits for the slowest). On a GPU the producer keeps priority
 0 and buffer.producer_threads.
