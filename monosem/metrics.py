@@ -188,8 +188,9 @@ def loss_recovered(lm: nn.Module, tokens: Tensor, reconstruct: Callable[[Tensor]
         for name, fn in fns.items():
             _, loss = lm(chunk[:, :-1], chunk[:, 1:], mlp_fn=fn)
             sums[name] += loss.item() * chunk.shape[0]                  # mean CE -> sum over contexts
-    out = {**({k: baseline[k] for k in ("ce_clean", "ce_zero")} if baseline is not None else {}),
-           **{name: s / tokens.shape[0] for name, s in sums.items()}}
+    out = {name: s / tokens.shape[0] for name, s in sums.items()}
+    if baseline is not None:
+        out |= {"ce_clean": baseline["ce_clean"], "ce_zero": baseline["ce_zero"]}
     gap = out["ce_zero"] - out["ce_clean"]
     out["loss_recovered"] = (out["ce_zero"] - out["ce_spliced"]) / gap if gap != 0 else float("nan")
     return out

@@ -257,12 +257,11 @@ def eval_loss_recovered(trainees: list[Trainee], lm, cfg: Config, step: int,
 
         stream = TokenStream.from_config(cfg, "val", 0, 1, loop=False)
         _cache[key] = next(stream.batches(cfg.train_sae.eval_contexts))[0]
-    tokens, out = _cache[key], {}
+    tokens, out, baselines = _cache[key], {}, _BASELINES.setdefault(lm, {})
     for t in trainees:
         sae = t.sae
         # [b*t, d_mlp] -> same; in the SAE's own dtype (DeepSpeed bf16 keeps bf16 weights in the module)
         reconstruct = lambda h: sae.reconstruct(h.to(sae.W_dec.dtype)).to(h.dtype)  # noqa: E731
-        baselines = _BASELINES.setdefault(lm, {})
         with zero.gathered_params(t.model):
             r = metrics.loss_recovered(lm, tokens.to(sae.W_dec.device), reconstruct,
                                        baseline=baselines.get(key))
