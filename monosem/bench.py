@@ -161,12 +161,14 @@ def training_table(st: dict) -> list[str]:
 def step_table(r: dict | None) -> list[str]:
     fr = dig(r, "l0_fractions") or [0.01, 0.03, 0.10]
     rows = [f"| SAE step, B {num(dig(r, 'batch_size'), 'd')}, d_in {num(dig(r, 'd_in'), 'd')} (vectors/s) "
-            "| dtype | GEMM ceiling | dense | dense / ceiling | "
-            + " | ".join(f"sparse, L0 {f:.0%}" for f in fr) + " |", "|---" * (5 + len(fr)) + "|"]
+            "| dtype | encoder GEMM alone | GEMM ceiling | dense | dense / ceiling | "
+            + " | ".join(f"sparse, L0 {f:.0%}" for f in fr) + " |", "|---" * (6 + len(fr)) + "|"]
     for x in dig(r, "results") or [{}]:
         sparse = [next((s for s in x.get("sparse", []) if s.get("target_l0_fraction") == f), {}) for f in fr]
-        rows.append(f"| n_features {num(x.get('n_features'), 'd')} | {x.get('dtype', 'n/a')} "
-                    f"| {num(x.get('ceiling_vectors_per_s'))} | {num(dig(x, 'dense', 'vectors_per_s'))} "
+        ceiling = x.get("ceiling_vectors_per_s")  # B / (5 t_gemm); JSON before the encoder field: 5x it
+        enc = x.get("encoder_gemm_vectors_per_s", 5 * ceiling if isinstance(ceiling, (int, float)) else None)
+        rows.append(f"| n_features {num(x.get('n_features'), 'd')} | {x.get('dtype', 'n/a')} | {num(enc)} "
+                    f"| {num(ceiling)} | {num(dig(x, 'dense', 'vectors_per_s'))} "
                     f"| {num(x.get('dense_over_ceiling'), '.0%')} | "
                     + " | ".join(f"{num(s.get('vectors_per_s'))} ({num(s.get('over_dense'), '.1f', 'x')})"
                                  for s in sparse) + " |")

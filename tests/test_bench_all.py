@@ -63,6 +63,9 @@ def test_quick_runs_every_stage_and_rewrites_the_readme_block(tmp_path):
     row = next(line for line in block.splitlines() if line.startswith("| n_features 128, batch 128 | fp32 |"))
     assert f"| {e2e:,.0f} |" in row and f"| {disk:,.0f} |" in row and f"{e2e / disk:.2f}x" in row
     assert f"| {st['stream']['producer_vectors_per_s']['best']:,.0f} |" in block
+    x = st["step"]["results"][0]
+    assert (f"| n_features 128 | fp32 | {x['encoder_gemm_vectors_per_s']:,.0f} "
+            f"| {x['ceiling_vectors_per_s']:,.0f} | {x['dense']['vectors_per_s']:,.0f} |") in block
     assert "n/a" not in block and "Failed" not in block
 
 
@@ -96,3 +99,14 @@ def test_readme_markers_must_be_there_once(tmp_path):
         assert path.read_text() == text
     with pytest.raises(MonosemError, match="unknown bench stage"):
         bench.run_all(True, ["nope"], 10)
+
+
+def test_the_step_table_shows_the_encoder_gemm_alone_also_for_json_without_it():
+    row = {"n_features": 8, "dtype": "fp32", "ceiling_vectors_per_s": 100.0, "dense_over_ceiling": 0.5,
+           "dense": {"vectors_per_s": 50.0}, "sparse": []}
+    new = bench.step_table({"batch_size": 4, "d_in": 2, "l0_fractions": [], "results": [
+        row | {"encoder_gemm_vectors_per_s": 510.0}]})
+    old = bench.step_table({"batch_size": 4, "d_in": 2, "l0_fractions": [], "results": [row]})
+    assert new[2].startswith("| n_features 8 | fp32 | 510 | 100 | 50 | 50% |")
+    assert old[2].startswith("| n_features 8 | fp32 | 500 | 100 | 50 | 50% |")   # 5 x the ceiling
+    assert new[0].count("|") == new[1].count("|") == new[2].count("|")        # header, rule, row agree

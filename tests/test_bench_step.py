@@ -17,7 +17,7 @@ def test_bench_step_smoke(tmp_path):
            "--threads", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    assert "written" in proc.stdout and "L0 2%" in proc.stdout
+    assert "written" in proc.stdout and "L0 2%" in proc.stdout and "enc GEMM" in proc.stdout
     res = json.loads(out.read_text())
     for key in ("batch_size", "d_in", "threads", "cpus", "cpu_capability", "torch", "steps", "adam",
                 "l0_fractions", "ceiling_definition", "results", "checkpoint"):
@@ -26,6 +26,8 @@ def test_bench_step_smoke(tmp_path):
     assert [(r["n_features"], r["dtype"]) for r in res["results"]] == [(128, "fp32"), (128, "bf16")]
     for r in res["results"]:
         assert r["gemm_gflops"] > 0 and r["ceiling_vectors_per_s"] > 0 and r["dense_over_ceiling"] > 0
+        # the encoder GEMM alone: one of the ceiling's five GEMMs
+        assert abs(r["encoder_gemm_vectors_per_s"] / r["ceiling_vectors_per_s"] - 5) < 1e-9
         assert r["dense"]["path"] == "dense" and r["dense"]["vectors_per_s"] > 0
         assert [s["target_l0_fraction"] for s in r["sparse"]] == [0.02, 0.1]
         for s in r["sparse"]:
