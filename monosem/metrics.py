@@ -179,9 +179,8 @@ def loss_recovered(lm: nn.Module, tokens: Tensor, reconstruct: Callable[[Tensor]
         return x_hat.reshape(h.shape).to(h.dtype)
 
     device = next(lm.parameters()).device
-    fns = {"ce_clean": None, "ce_zero": torch.zeros_like, "ce_spliced": splice}
-    if baseline is not None:
-        fns = {"ce_spliced": splice}
+    fns = ({"ce_spliced": splice} if baseline is not None else
+           {"ce_clean": None, "ce_zero": torch.zeros_like, "ce_spliced": splice})
     sums = dict.fromkeys(fns, 0.0)
     for chunk in tokens.split(batch_size):
         chunk = chunk.to(device)

@@ -28,7 +28,7 @@ from monosem.metrics import last_scalars
 from monosem.resample import Reservoir
 from monosem.trainee import (Trainee, build_trainees, cfg_lm_identity, eval_loss_recovered,
                              forward_backward, init_from_batch, log_metrics, optimizer_step,
-                             resample_dead, save_all)
+                             resample_dead, resamples, save_all)
 
 
 def check_lm(cfg: Config, device: torch.device) -> LM:
@@ -88,8 +88,7 @@ def _loop(cfg: Config, run: Run, trainees: list[Trainee], reservoir: Reservoir, 
     ts, world, device = cfg.train_sae, dist.world_size(), trainees[0].accelerator.device
     step, metrics, bar = run.step, {}, run.progress()
     window_start, window_steps = time.perf_counter(), 0
-    resampled = any(t.cfg.recipe == "anthropic-2023" for t in trainees)  # the others never resample
-    last_resample = max(ts.resample_steps, default=0) if resampled else 0
+    last_resample = max(ts.resample_steps, default=0) if any(map(resamples, trainees)) else 0
     while step < ts.steps:
         x, ids = buffer.next_batch(ts.batch_size, device)         # [B, d_in] fp32 on device, [B] int64
         if on_batch is not None:

@@ -206,13 +206,19 @@ def _bias_target(t: Trainee, x: torch.Tensor, n_dead: int) -> dict:
     return {"bias_sample": sample, "density": l0 / max(1, t.sae.cfg.n_features - n_dead)}
 
 
+def resamples(t: Trainee) -> bool:
+    """Whether train_sae.resample_steps apply: anthropic-2023 resamples dead features the paper's way;
+    anthropic-2024-04 never does and topk revives them through AuxK."""
+    return t.cfg.recipe == "anthropic-2023"
+
+
 @torch.no_grad()
 def resample_dead(t: Trainee, reservoir: resample.Reservoir, step: int, cfg: Config) -> int:
     """The paper's resampling of features dead over the last dead_window steps; returns how many.
 
     Every rank computes the losses of its own reservoir; the losses are all-gathered, every rank draws
     the same inputs with the same generator, and the chosen vectors are shared by their owners."""
-    if t.cfg.recipe != "anthropic-2023":
+    if not resamples(t):
         return 0
     ts, sae = cfg.train_sae, t.sae
     dead = resample.dead_mask(dist.all_reduce_max(t.last_fired.clone()), step, ts.dead_window)
